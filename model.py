@@ -1,0 +1,446 @@
+r"""The MaxMatch encoders: every image and caption becomes a SET of K unit-norm embeddings.
+
+SPEC section 1. Each modality is a backbone that yields local features (B, N, D) and a global
+feature (B, D), followed by a set head (DivE, CVPR 2023, with our padding fix):
+
+    x_0 = slots (K, D)                                   learned, N(0, 1)
+    x   = x + SlotCompetitionAttention(LN(x), LN(local))  \  `depth` times, one shared block
+    x   = x + FF(LN(x))                                   /
+    r_k = LN_last(x_k)                                    residual, (B, K, D)
+    S_k = normalize(LN_res(g) + r_k)                      set element, (B, K, D)
+
+Slot competition: the attention softmax runs over the SLOT axis, then padded keys are zeroed and
+the weights renormalised over the keys, so an input's set never depends on padding or on the other
+inputs of its batch (DivE masks before the slot softmax and fails this).
+
+Image backbones: torchvision ResNet grid (`cnn`), torchvision ViT patch tokens (`vit`), or
+precomputed region features (`precomputed`). Text backbones: BiGRU over a word vocabulary (`gru`)
+or any BERT-family model through transformers (`bert`). Everything is built from the config dict
+by `build_model(cfg, vocab)`.
+"""
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ModelError(Exception):
+    """A model configuration or weight file the user has to fix; the message says how."""
+
+
+class SetEmbedding(NamedTuple):
+    sets: torch.Tensor        # (B, K, D) unit-norm set elements S_k
+    residuals: torch.Tensor   # (B, K, D) r_k before the global feature is added
+    global_: torch.Tensor     # (B, D) normalised LN_res(g)
+
+
+def build_model(cfg, vocab=None):
+    """The full two-tower model from the config dict; `vocab` (list of words) for the GRU text encoder."""
+    model_cfg = cfg["model"]
+    embed_dim = model_cfg["embed_dim"]
+    dropout = model_cfg["dropout"]
+    image_encoder = build_image_encoder(model_cfg["image"], embed_dim, dropout, cfg["data"])
+    text_encoder = build_text_encoder(model_cfg["text"], embed_dim, dropout, vocab)
+    head_cfg = model_cfg["set_head"]
+    head_kwargs = dict(dim=embed_dim, num_slots=model_cfg["num_embeds"], depth=head_cfg["depth"],
+                       heads=head_cfg["heads"], share_weights=head_cfg["share_weights"],
+                       dropout=dropout)
+    return MaxMatchModel(image_encoder, text_encoder,
+                         image_head=SetHead(**head_kwargs, use_position=False),
+                         text_head=SetHead(**head_kwargs, use_position=True))
+
+
+class MaxMatchModel(nn.Module):
+    """Image and caption set encoders; `encode_images(batch)` / `encode_captions(batch)`."""
+
+    def __init__(self, image_encoder, text_encoder, image_head, text_head):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_head = image_head
+        self.text_head = text_head
+
+    def encode_images(self, batch):
+        local, mask, global_feature = self.image_encoder(batch)
+        return self.image_head(local, mask, global_feature)
+
+    def encode_captions(self, batch):
+        local, mask, global_feature = self.text_encoder(batch["tokens"], batch["lengths"])
+        return self.text_head(local, mask, global_feature)
+
+    def forward(self, batch):
+        return self.encode_images(batch), self.encode_captions(batch)
+
+    def parameter_groups(self):
+        """Trainable parameters by learning-rate group: image_backbone, text_backbone, heads."""
+        groups = {"image_backbone": [], "text_backbone": [], "heads": []}
+        backbones = {"image_encoder.backbone.": "image_backbone", "text_encoder.backbone.": "text_backbone"}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = next((g for prefix, g in backbones.items() if name.startswith(prefix)), "heads")
+            groups[group].append(param)
+        return groups
+
+
+# ----------------------------------------------------------------------------- set head
+
+class SetHead(nn.Module):
+    """K slots attend over local features; returns the set, its residuals and the global feature."""
+
+    def __init__(self, *, dim, num_slots, depth=4, heads=4, share_weights=True, dropout=0.1,
+                 use_position=False):
+        super().__init__()
+        self.slots = nn.Parameter(torch.randn(num_slots, dim))
+        num_blocks = 1 if share_weights else depth
+        self.blocks = nn.ModuleList(SetHeadBlock(dim=dim, heads=heads, dropout=dropout)
+                                    for _ in range(num_blocks))
+        self.depth = depth
+        self.use_position = use_position
+        self.norm_last = nn.LayerNorm(dim)
+        self.norm_global = nn.LayerNorm(dim)
+
+    def forward(self, local, mask, global_feature):
+        # local (B, N, D), mask (B, N) bool (True = real token), global_feature (B, D)
+        position = normalised_position_encoding(mask, local.shape[-1]) if self.use_position else None
+        x = self.slots.unsqueeze(0).expand(local.shape[0], -1, -1)   # (B, K, D)
+        for i in range(self.depth):
+            x = self.blocks[i % len(self.blocks)](x, local, mask, position)
+        residuals = self.norm_last(x)                                # (B, K, D)
+        global_normed = self.norm_global(global_feature)             # (B, D)
+        sets = F.normalize(global_normed.unsqueeze(1) + residuals, dim=-1)
+        return SetEmbedding(sets, residuals, F.normalize(global_normed, dim=-1))
+
+
+class SetHeadBlock(nn.Module):
+    """Pre-norm block: x = x + Attn(LN(x), LN(local)); x = x + FF(LN(x))."""
+
+    def __init__(self, *, dim, heads, dropout):
+        super().__init__()
+        self.norm_slots = nn.LayerNorm(dim)
+        self.norm_local = nn.LayerNorm(dim)
+        self.attention = SlotCompetitionAttention(dim=dim, heads=heads, dropout=dropout)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout),
+                                          nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x, local, mask, position=None):
+        x = x + self.attention(self.norm_slots(x), self.norm_local(local), mask, position)
+        return x + self.feed_forward(self.norm_ff(x))
+
+
+class SlotCompetitionAttention(nn.Module):
+    """Multi-head attention whose softmax runs over the slots, then renormalises over real keys."""
+
+    def __init__(self, *, dim, heads, dropout):
+        super().__init__()
+        if dim % heads:
+            raise ModelError(f"model.embed_dim={dim} must be divisible by model.set_head.heads={heads}")
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+
+    def forward(self, slots, local, mask, position=None):
+        # slots (B, K, D), local (B, N, D), mask (B, N) bool, position (B, N, D) or None
+        keys_in = local if position is None else local + position
+        q, k, v = (split_heads(t, self.heads) for t in
+                   (self.to_q(slots), self.to_k(keys_in), self.to_v(local)))   # (B, H, *, d)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])              # (B, H, K, N)
+        weights = logits.softmax(dim=-2) * mask[:, None, None, :].to(logits.dtype)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-7)
+        out = weights @ v                                                      # (B, H, K, d)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+def split_heads(x, heads):
+    """(B, L, D) -> (B, heads, L, D // heads)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def normalised_position_encoding(mask, dim):
+    """Sine/cosine encoding of each token's position divided by its sequence's TRUE length.
+
+    mask (B, N) bool -> (B, N, dim); zero at padding. Position t of a length-L caption is t / L in
+    [0, 1), scaled to a virtual length of 100 before the usual transformer frequencies.
+    """
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)            # (B, 1)
+    position = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32) / lengths
+    frequencies = torch.exp(torch.arange(0, dim, 2, device=mask.device, dtype=torch.float32)
+                            * (-math.log(10000.0) / dim))                            # (dim/2,)
+    angles = 100.0 * position.unsqueeze(-1) * frequencies                             # (B, N, dim/2)
+    encoding = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(2)[..., :dim]
+    return encoding * mask.unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- projection
+
+class Projection(nn.Module):
+    """DivE / VSE-infinity "1x1" projection: h = Dropout(fc(x) + MLP(fc(x))).
+
+    MLP: D -> D/2 -> D with a LayerNorm and ReLU (VSE-infinity uses BatchNorm; LayerNorm keeps an
+    input's embedding independent of its batch company).
+    """
+
+    def __init__(self, in_dim, dim, dropout):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim // 2), nn.LayerNorm(dim // 2), nn.ReLU(),
+                                 nn.Linear(dim // 2, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.dropout(h + self.mlp(h))
+
+
+def masked_max_pool(features, mask):
+    """Max over the real tokens: features (B, N, D), mask (B, N) bool -> (B, D)."""
+    return features.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+def lengths_to_mask(lengths, max_length):
+    """lengths (B,) -> (B, max_length) bool, True at real positions."""
+    return torch.arange(max_length, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- image encoders
+
+def build_image_encoder(image_cfg, embed_dim, dropout, data_cfg):
+    kind = image_cfg["type"]
+    if kind == "cnn":
+        return CNNImageEncoder(image_cfg, embed_dim, dropout)
+    if kind == "vit":
+        return ViTImageEncoder(image_cfg, embed_dim, dropout)
+    if kind == "precomputed":
+        return RegionImageEncoder(image_cfg["feature_dim"], embed_dim, dropout)
+    raise ModelError(f"model.image.type={kind!r} is unknown; use one of cnn, vit, precomputed")
+
+
+class CNNImageEncoder(nn.Module):
+    """A torchvision ResNet cut after `stop_after`; local features = its grid, (B, h*w, C)."""
+
+    def __init__(self, image_cfg, embed_dim, dropout):
+        super().__init__()
+        arch, stop_after = image_cfg["arch"], image_cfg.get("stop_after") or "layer4"
+        stages = ["layer1", "layer2", "layer3", "layer4"]
+        if stop_after not in stages:
+            raise ModelError(f"model.image.stop_after={stop_after!r}; use one of {', '.join(stages)}")
+        if not str(arch).startswith("resnet"):
+            raise ModelError(f"model.image.arch={arch!r}: the cnn encoder takes a torchvision ResNet "
+                             "(resnet18 ... resnet152)")
+        net = load_torchvision_model(arch, image_cfg.get("weights"))
+        kept = ["conv1", "bn1", "relu", "maxpool"] + stages[:stages.index(stop_after) + 1]
+        self.backbone = nn.Sequential(*(getattr(net, name) for name in kept))
+        last_block = getattr(net, stop_after)[-1]
+        channels = (last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2).num_features
+        self.projection = Projection(channels, embed_dim, dropout)
+        set_finetune(self.backbone, image_cfg.get("finetune", True))
+
+    def forward(self, batch):
+        grid = self.backbone(batch["images"])                        # (B, C, h, w)
+        local = self.projection(grid.flatten(2).transpose(1, 2))     # (B, h*w, D)
+        mask = torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
+        return local, mask, masked_max_pool(local, mask)
+
+
+class ViTImageEncoder(nn.Module):
+    """torchvision ViT patch tokens as local features; the projected CLS token is the global one.
+
+    `vit_config` (a dict of torchvision VisionTransformer arguments) builds a small random ViT for
+    tests; otherwise `arch` (vit_b_16) with `weights`.
+    """
+
+    def __init__(self, image_cfg, embed_dim, dropout):
+        super().__init__()
+        from torchvision.models.vision_transformer import VisionTransformer
+        vit_config = image_cfg.get("vit_config")
+        if vit_config:
+            net = VisionTransformer(**vit_config)
+        else:
+            net = load_torchvision_model(image_cfg.get("arch") or "vit_b_16", image_cfg.get("weights"))
+        net.heads = nn.Identity()
+        self.backbone = net
+        self.projection = Projection(net.hidden_dim, embed_dim, dropout)
+        set_finetune(self.backbone, image_cfg.get("finetune", True))
+
+    def forward(self, batch):
+        net = self.backbone
+        tokens = net._process_input(batch["images"])                             # (B, N, C)
+        cls = net.class_token.expand(tokens.shape[0], -1, -1)
+        hidden = self.projection(net.encoder(torch.cat([cls, tokens], dim=1)))   # (B, 1+N, D)
+        local = hidden[:, 1:]
+        mask = torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
+        return local, mask, hidden[:, 0]
+
+
+class RegionImageEncoder(nn.Module):
+    """Precomputed region features (B, N, F) with lengths; global = masked max-pool."""
+
+    def __init__(self, feature_dim, embed_dim, dropout):
+        super().__init__()
+        self.projection = Projection(feature_dim, embed_dim, dropout)
+
+    def forward(self, batch):
+        regions, lengths = batch["regions"], batch["region_lengths"]
+        mask = lengths_to_mask(lengths, regions.shape[1])
+        local = self.projection(regions)                             # (B, N, D)
+        return local, mask, masked_max_pool(local, mask)
+
+
+def load_torchvision_model(arch, weights):
+    """A torchvision model by name with weights None, a torchvision weights name, or a local file."""
+    import torchvision
+    try:
+        builder = torchvision.models.get_model_builder(arch)
+    except ValueError:
+        raise ModelError(f"model.image.arch={arch!r} is not a torchvision model") from None
+    if weights is None:
+        return builder(weights=None)
+    if looks_like_path(weights):
+        if not os.path.isfile(weights):
+            raise ModelError(f"model.image.weights: file {weights!r} does not exist")
+        net = builder(weights=None)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            net.load_state_dict(state)
+        except Exception as error:  # noqa: BLE001 - any unreadable/mismatched file gets one message
+            raise ModelError(f"model.image.weights: could not load {weights!r} into {arch}: "
+                             f"{str(error).splitlines()[0]}") from None
+        return net
+    try:
+        return builder(weights=weights)
+    except Exception as error:  # noqa: BLE001 - unknown name or no internet
+        raise ModelError(
+            f"model.image.weights={weights!r}: could not get these {arch} weights "
+            f"({str(error).splitlines()[0][:200]}). Without internet, download the .pth file on "
+            "another machine and set model.image.weights to its local path") from None
+
+
+def looks_like_path(name):
+    """Torchvision weights names (IMAGENET1K_V1) have no slash and no file extension."""
+    return os.sep in str(name) or str(name).endswith((".pth", ".pt", ".bin", ".safetensors"))
+
+
+def set_finetune(module, finetune):
+    for param in module.parameters():
+        param.requires_grad_(bool(finetune))
+
+
+# ----------------------------------------------------------------------------- text encoders
+
+def build_text_encoder(text_cfg, embed_dim, dropout, vocab):
+    kind = text_cfg["type"]
+    if kind == "gru":
+        if not vocab:
+            raise ModelError("model.text.type=gru needs the word vocabulary (built from the "
+                             "training captions or read from the checkpoint)")
+        return GRUTextEncoder(vocab, text_cfg, embed_dim, dropout)
+    if kind == "bert":
+        return BertTextEncoder(text_cfg, embed_dim, dropout)
+    raise ModelError(f"model.text.type={kind!r} is unknown; use gru or bert")
+
+
+class GRUTextEncoder(nn.Module):
+    """Word embeddings + BiGRU (directions averaged); local = projected word embeddings, global = final state."""
+
+    def __init__(self, vocab, text_cfg, embed_dim, dropout):
+        super().__init__()
+        word_dim = text_cfg.get("word_dim", 300)
+        embedding = nn.Embedding(len(vocab), word_dim, padding_idx=0)
+        if text_cfg.get("word_vectors"):
+            vectors, _ = load_word_vectors(text_cfg["word_vectors"], vocab, word_dim)
+            found = vectors.abs().sum(dim=1) > 0
+            embedding.weight.data[found] = vectors[found]
+        self.backbone = nn.ModuleDict(dict(embedding=embedding, gru=nn.GRU(
+            word_dim, embed_dim, batch_first=True, bidirectional=True)))
+        self.projection = Projection(word_dim, embed_dim, dropout)
+        set_finetune(self.backbone, text_cfg.get("finetune", True))
+
+    def forward(self, tokens, lengths):
+        # tokens (B, L) long, lengths (B,) long
+        words = self.backbone["embedding"](tokens)                                # (B, L, W)
+        packed = nn.utils.rnn.pack_padded_sequence(words, lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, final = self.backbone["gru"](packed)                                   # (2, B, D)
+        mask = lengths_to_mask(lengths, tokens.shape[1])
+        return self.projection(words), mask, final.mean(dim=0)
+
+
+def load_word_vectors(path, vocab, dim):
+    """Rows of a plain-text word-vector file ("word v1 ... v_dim") for the vocabulary.
+
+    Returns (vectors (V, dim) with zero rows for missing words, number of words found).
+    """
+    if not os.path.isfile(path):
+        raise ModelError(f"model.text.word_vectors: file {path!r} does not exist")
+    index = {word: i for i, word in enumerate(vocab)}
+    vectors = torch.zeros(len(vocab), dim)
+    found = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line_number, line in enumerate(handle, 1):
+            parts = line.rstrip().split(" ")
+            if len(parts) == 2 and line_number == 1:      # word2vec-style "count dim" header
+                continue
+            if parts[0] not in index:
+                continue
+            if len(parts) != dim + 1:
+                raise ModelError(f"model.text.word_vectors: {path}:{line_number} has "
+                                 f"{len(parts) - 1} numbers, expected model.text.word_dim={dim}")
+            vectors[index[parts[0]]] = torch.tensor([float(v) for v in parts[1:]])
+            found += 1
+    return vectors, found
+
+
+class BertTextEncoder(nn.Module):
+    """A transformers AutoModel; local = projected last hidden states, global = projected [CLS] or max."""
+
+    def __init__(self, text_cfg, embed_dim, dropout):
+        super().__init__()
+        self.backbone = load_bert(text_cfg)
+        self.projection = Projection(self.backbone.config.hidden_size, embed_dim, dropout)
+        self.global_pool = text_cfg.get("global_pool", "cls")
+        if self.global_pool not in ("cls", "max"):
+            raise ModelError(f"model.text.global_pool={self.global_pool!r}; use cls or max")
+        set_finetune(self.backbone, text_cfg.get("finetune", True))
+
+    def forward(self, tokens, lengths):
+        mask = lengths_to_mask(lengths, tokens.shape[1])
+        hidden = self.backbone(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        local = self.projection(hidden)                                           # (B, L, D)
+        global_feature = local[:, 0] if self.global_pool == "cls" else masked_max_pool(local, mask)
+        return local, mask, global_feature
+
+
+def load_bert(text_cfg):
+    """BERT-family AutoModel from `bert_config` (random init), a local folder, or a hub name."""
+    from transformers import AutoConfig, AutoModel, BertConfig
+    if text_cfg.get("bert_config"):
+        return without_pooler(AutoModel.from_config(BertConfig(**text_cfg["bert_config"])))
+    name = text_cfg.get("bert")
+    if not name:
+        raise ModelError("model.text.type=bert needs model.text.bert (a local model folder or a "
+                         "hub name) or model.text.bert_config (a random-init config)")
+    if str(name).startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelError(f"model.text.bert: folder {name!r} does not exist")
+    name = os.path.expanduser(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+        return without_pooler(AutoModel.from_pretrained(name, config=config))
+    except Exception as error:  # noqa: BLE001 - offline, unknown name, broken folder
+        raise ModelError(
+            f"model.text.bert={name!r} is not a local model folder and could not be loaded ({str(error).splitlines()[0][:200]}). "
+            "Without internet, copy the model folder (config.json, weights, tokenizer files) to "
+            "this machine and set model.text.bert to that folder") from None
+
+
+def without_pooler(bert):
+    """Drop the unused pooler so that every trainable parameter gets a gradient (DDP-friendly)."""
+    if getattr(bert, "pooler", None) is not None:
+        bert.pooler = None
+    return bert
