@@ -106,9 +106,11 @@ class SetHead(nn.Module):
     def forward(self, local, mask, global_feature):
         # local (B, N, D), mask (B, N) bool (True = real token), global_feature (B, D)
         position = normalised_position_encoding(mask, local.shape[-1]) if self.use_position else None
+        # keys and values depend only on the input: once per distinct block, not per iteration
+        memories = [block.keys_values(local, position) for block in self.blocks]
         x = self.slots.unsqueeze(0).expand(local.shape[0], -1, -1)   # (B, K, D)
         for i in range(self.depth):
-            x = self.blocks[i % len(self.blocks)](x, local, mask, position)
+            x = self.blocks[i % len(self.blocks)](x, memories[i % len(self.blocks)], mask)
         residuals = self.norm_last(x)                                # (B, K, D)
         global_normed = self.norm_global(global_feature)             # (B, D)
         sets = F.normalize(global_normed.unsqueeze(1) + residuals, dim=-1)
@@ -127,8 +129,11 @@ class SetHeadBlock(nn.Module):
         self.feed_forward = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout),
                                           nn.Linear(4 * dim, dim), nn.Dropout(dropout))
 
-    def forward(self, x, local, mask, position=None):
-        x = x + self.attention(self.norm_slots(x), self.norm_local(local), mask, position)
+    def keys_values(self, local, position=None):
+        return self.attention.keys_values(self.norm_local(local), position)
+
+    def forward(self, x, keys_values, mask):
+        x = x + self.attention(self.norm_slots(x), keys_values, mask)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -145,11 +150,15 @@ class SlotCompetitionAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
-    def forward(self, slots, local, mask, position=None):
-        # slots (B, K, D), local (B, N, D), mask (B, N) bool, position (B, N, D) or None
+    def keys_values(self, local, position=None):
+        """local (B, N, D), position (B, N, D) or None -> keys, values (B, H, N, D/H)."""
         keys_in = local if position is None else local + position
-        q, k, v = (split_heads(t, self.heads) for t in
-                   (self.to_q(slots), self.to_k(keys_in), self.to_v(local)))   # (B, H, *, d)
+        return split_heads(self.to_k(keys_in), self.heads), split_heads(self.to_v(local), self.heads)
+
+    def forward(self, slots, keys_values, mask):
+        # slots (B, K, D), keys_values from keys_values(), mask (B, N) bool
+        k, v = keys_values
+        q = split_heads(self.to_q(slots), self.heads)                          # (B, H, K, d)
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])              # (B, H, K, N)
         weights = logits.softmax(dim=-2) * mask[:, None, None, :].to(logits.dtype)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-7)
