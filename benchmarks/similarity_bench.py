@@ -1,0 +1,183 @@
+"""Speed of the set similarities in similarity.py (issue 2). Prints one table; every row is
+measured in the same run with the same thread count.
+
+1. Exact max_pair assignment problems/s for K = 4..8 on random K x K blocks, beside greedy and a
+   scipy linear_sum_assignment loop (one call per block); ratio to scipy.
+2. COCO-5K-scale scoring (5,000 image sets x 25,000 caption sets, D = 1024; --scale shrinks both)
+   with score_matrix for max_pair, greedy and smooth_chamfer at K = 4 and max_pair at K = 8,
+   against the floor: the same chunked pipeline computing only the cosine blocks and their max
+   (that is method `mil`). Ratio to the floor of the same K.
+3. One training step, B = 128 images x 5 captions, K = 4, D = 1024: forward + backward through
+   pairwise_similarity + triplet loss, per method; ratio to smooth_chamfer.
+
+    python benchmarks/similarity_bench.py                  # full run (several minutes on 2 cores)
+    python benchmarks/similarity_bench.py --scale 0.1      # quick look
+    python benchmarks/similarity_bench.py --device cuda
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import losses  # noqa: E402
+import similarity  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrinks the COCO-5K-scale part (N_img, N_cap)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--problems", type=int, default=10**6, help="blocks per K in part 1")
+    parser.add_argument("--scipy-problems", type=int, default=20000, help="blocks timed in the scipy loop")
+    parser.add_argument("--repeats", type=int, default=3, help="part 1: best of this many runs")
+    parser.add_argument("--train-repeats", type=int, default=15, help="timed training steps per method")
+    parser.add_argument("--algorithms", action="store_true",
+                        help="part 1: also time both exact algorithms (permutations, subset DP) at every K")
+    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"# similarity benchmark: torch {torch.__version__}, {name}, scale {args.scale}, "
+          f"load average before {os.getloadavg()[0]:.2f}", flush=True)
+    print_row(HEADER)
+    print("|" + "|".join("-" * (w + 2) for w in WIDTHS) + "|", flush=True)
+    if "1" in args.parts:
+        bench_assignment(args, device)
+    if "2" in args.parts:
+        bench_scoring(args, device)
+    if "3" in args.parts:
+        bench_training(args, device)
+    print(f"# load average after {os.getloadavg()[0]:.2f} (other processes share these cores: compare ratios)")
+
+
+def timed(fn, device, repeats=1):
+    """Best wall time of fn() over repeats runs (after the caller's warm-up)."""
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def progress(message):
+    print(f"  ... {message}", file=sys.stderr, flush=True)
+
+
+def bench_assignment(args, device):
+    from scipy.optimize import linear_sum_assignment
+
+    for k in range(4, 9):
+        progress(f"part 1, K={k}")
+        g = torch.Generator().manual_seed(k)
+        blocks = (torch.rand(args.problems, k, k, generator=g) * 2 - 1).to(device)  # (P, K, K)
+        similarity.max_pair_assignment(blocks[:1000])  # warm-up
+        similarity.greedy_assignment(blocks[:1000])
+        on_cpu = blocks[: args.scipy_problems].cpu().numpy()
+        t_scipy = timed(lambda: [linear_sum_assignment(b, maximize=True) for b in on_cpu], device, args.repeats)
+        scipy_rate = len(on_cpu) / t_scipy
+        chosen = "permutations" if similarity._uses_permutations(k, k, assignment=True) else "subset DP"
+        cases = [(f"max_pair exact ({chosen})", lambda: similarity.max_pair_assignment(blocks))]
+        if args.algorithms:
+            for label, limit in (("permutations", 99), ("subset DP", 0)):
+                if label == "permutations" and k > 6:  # K = 7: 5,040 maps, ~0.04 M/s
+                    continue
+                cases.append((f"  via {label}", lambda limit=limit: assign_with_limit(blocks, limit)))
+        cases.append(("greedy", lambda: similarity.greedy_assignment(blocks)))
+        for label, fn in cases:
+            seconds = timed(fn, device, repeats=args.repeats)
+            rate = args.problems / seconds
+            target = ">= 20x scipy" if k == 4 and label.startswith("max_pair") else ""
+            print_row(row(1, label, k, seconds, f"{rate / 1e6:.2f} M/s", rate / scipy_rate, "scipy", target, 20))
+        print_row(row(1, "scipy linear_sum_assignment loop", k, t_scipy * args.problems / len(on_cpu),
+                      f"{scipy_rate / 1e6:.2f} M/s", 1.0, "scipy"))
+        del blocks
+
+
+def assign_with_limit(blocks, limit):
+    """max_pair_assignment with the permutation product forced up to K = limit."""
+    saved = similarity.PERMUTATION_MAX_K_ASSIGNMENT
+    similarity.PERMUTATION_MAX_K_ASSIGNMENT = limit
+    try:
+        return similarity.max_pair_assignment(blocks)
+    finally:
+        similarity.PERMUTATION_MAX_K_ASSIGNMENT = saved
+
+
+def bench_scoring(args, device):
+    n_img, n_cap, dim = max(1, round(5000 * args.scale)), max(1, round(25000 * args.scale)), 1024
+    for k, methods in ((4, ("mil", "max_pair", "greedy", "smooth_chamfer")), (8, ("mil", "max_pair"))):
+        g = torch.Generator().manual_seed(k)
+        images = F.normalize(torch.randn(n_img, k, dim, generator=g), dim=-1).to(device)
+        captions = F.normalize(torch.randn(n_cap, k, dim, generator=g), dim=-1).to(device)
+        floor = None
+        for method in methods:
+            progress(f"part 2, K={k}, {method}, {n_img} x {n_cap}")
+            similarity.score_matrix(images[:64], captions[:2048], method)  # warm-up
+            seconds = timed(lambda: similarity.score_matrix(images, captions, method), device)
+            floor = floor or seconds
+            label = "floor: cosine blocks + max (= mil)" if method == "mil" else method
+            target = {(4, "max_pair"): ("<= 1.3x floor", 1.3), (8, "max_pair"): ("<= 3x floor", 3.0)}.get((k, method))
+            print_row(row(2, f"{label} {n_img}x{n_cap}", k, seconds, f"{n_img * n_cap / seconds / 1e6:.1f} M pairs/s",
+                          seconds / floor, "floor", *(target or ("", None))))
+        del images, captions
+
+
+def bench_training(args, device):
+    batch, per_image, k, dim = 128, 5, 4, 1024
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(batch, k, dim, generator=g), dim=-1).to(device).requires_grad_(True)
+    captions = F.normalize(torch.randn(batch * per_image, k, dim, generator=g), dim=-1).to(device).requires_grad_(True)
+    positive_mask = (torch.arange(batch)[:, None] == torch.arange(batch * per_image)[None, :] // per_image).to(device)
+
+    def step(method):
+        images.grad = captions.grad = None
+        scores = similarity.pairwise_similarity(images, captions, method)
+        losses.triplet_loss(scores, positive_mask).backward()
+
+    methods = ("smooth_chamfer", "max_pair", "greedy", "chamfer", "topk", "mil")
+    progress("part 3")
+    best = {m: float("inf") for m in methods}
+    for m in methods:  # warm-up
+        step(m)
+        step(m)
+    for _ in range(args.train_repeats):  # interleaved, so background load hits every method alike
+        for m in methods:
+            best[m] = min(best[m], timed(lambda: step(m), device))
+    for m in methods:
+        target = ("<= 1.15x smooth_chamfer", 1.15) if m == "max_pair" else ("", None)
+        print_row(row(3, f"train step B={batch}x{per_image} {m}", k, best[m], f"{best[m] * 1e3:.1f} ms/step",
+                      best[m] / best["smooth_chamfer"], "smooth_chamfer", *target))
+
+
+def row(part, case, k, seconds, rate, ratio, ratio_to, target="", limit=None):
+    met = ""
+    if target:
+        met = "yes" if (ratio >= limit if target.startswith(">=") else ratio <= limit) else "NO"
+    return [str(part), case, str(k), f"{seconds:.3f}", rate, f"{ratio:.2f}x {ratio_to}", target, met]
+
+
+HEADER = ["part", "case", "K", "seconds", "rate", "ratio", "target", "met"]
+WIDTHS = [4, 45, 1, 8, 16, 20, 23, 3]
+
+
+def print_row(cells):
+    """One table row, printed as soon as it is measured (a long run shows its progress)."""
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cells, WIDTHS)) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Set-to-set similarity for set-based image-text retrieval (MaxMatch, ACL 2025; SPEC.md section 2).
+
+A set is K L2-normalised embeddings; two sets meet through their K_v x K_t cosine block
+C_ab = <v_a, t_b>. Methods (SPEC 2):
+
+- ``max_pair``  the paper's Maximal Pair Assignment Similarity: the EXACT maximum-weight
+                assignment pi* = argmax_pi sum_a C_{a,pi(a)}; score = mean of the matched cosines
+                (option ``score="exp"``: mean of exp(c) - 1 over the matched cosines).
+- ``greedy``    repeatedly take the largest remaining entry, strike its row and column.
+- ``smooth_chamfer`` (DivE) 1/2 mean_a LSE_b(alpha C)/alpha + 1/2 mean_b LSE_a(alpha C)/alpha.
+- ``chamfer``   1/2 mean_a max_b C + 1/2 mean_b max_a C.   ``mil`` (PVSE) max_ab C.
+- ``topk``      mean of the k largest entries of C (default k = min(K_v, K_t)).
+
+For ``max_pair`` and ``greedy`` the assignment is found without gradient; the gradient reaches
+exactly the matched entries. Unequal set sizes match min(K_v, K_t) pairs.
+
+Exact assignment, all in plain torch: for small K every injective map rows -> columns is
+enumerated as ONE matrix product (cosine block flattened to K_v*K_t, times a 0/1 matrix with a
+column per permutation, then a max); for larger K a dynamic programme over subsets of columns
+(O(K 2^K) per problem) with the argmax kept for backtracking. Internally every problem batch is
+the LAST, contiguous dimension ("batch-last" layout (G, K_v, K_t, P)), so each step of either
+algorithm is a matrix product or a row copy + vector add/max over P problems.
+
+Public: METHODS, pairwise_similarity, score_matrix, max_pair_assignment, greedy_assignment.
+Imports only torch (and the standard library).
+"""
+import functools
+import itertools
+import math
+import sys
+
+import torch
+
+METHODS = ("max_pair", "greedy", "smooth_chamfer", "chamfer", "mil", "topk")
+
+# Options each method accepts, with their defaults (None = depends on K).
+METHOD_OPTIONS = {
+    "max_pair": {"score": "mean"},
+    "greedy": {"score": "mean"},
+    "smooth_chamfer": {"alpha": 16.0},
+    "chamfer": {},
+    "mil": {},
+    "topk": {"k": None},
+}
+
+# Exact max_pair: enumerate permutations while max(K_v, K_t) <= this, subset DP above it.
+# Chosen by measurement on 2 CPU cores (benchmarks/similarity_bench.py --algorithms): the
+# permutation product wins the score (value only) up to K = 4 and the assignment up to K = 5.
+PERMUTATION_MAX_K_SCORE = 4
+PERMUTATION_MAX_K_ASSIGNMENT = 5
+
+# Memory bounds: score_matrix computes cosine chunks of at most CHUNK_BYTES; every reduction
+# works on slices whose temporaries stay near SCRATCH_BYTES (cache-sized: faster, and bounded
+# at any K and batch size).
+CHUNK_BYTES = 16 * 2**20
+SCRATCH_BYTES = 2**20
+DP_SCRATCH_BYTES = 4 * 2**20  # the subset DP's many row operations prefer larger slices (measured)
+
+
+def pairwise_similarity(images, captions, method="max_pair", **options):
+    """Differentiable set similarity of every image set with every caption set.
+
+    images (N_img, K_v, D), captions (N_cap, K_t, D), elements L2-normalised.
+    Returns (N_img, N_cap). Used in training on one batch (no chunking).
+    """
+    options = _resolve_options(method, options)
+    _check_sets(images, captions)
+    cos = _cosine_blocks(images, captions)  # (N_img, K_v, K_t, N_cap)
+    scores = _reduce_blocks(cos, method, options, value_only=False)  # (N_img, N_cap)
+    _check_finite(scores, "similarity scores")
+    return scores
+
+
+def score_matrix(images, captions, method="max_pair", chunk_size=256, progress=False, **options):
+    """The numbers of pairwise_similarity, without gradient, computed chunk by chunk.
+
+    images (N_img, K_v, D), captions (N_cap, K_t, D) on any device. chunk_size image sets are
+    scored at a time against caption chunks sized so that a cosine chunk stays under
+    CHUNK_BYTES; peak memory is the output (N_img, N_cap) plus that bounded workspace.
+    progress=True prints a progress line to stderr.
+    """
+    options = _resolve_options(method, options)
+    _check_sets(images, captions)
+    n_img, k_v, dim = images.shape
+    n_cap, k_t, _ = captions.shape
+    chunk_size = max(1, int(chunk_size))
+    element_size = images.element_size()
+    caption_chunk = max(1, CHUNK_BYTES // (element_size * min(chunk_size, n_img) * k_v * k_t))
+    caption_chunk = min(caption_chunk, n_cap)
+    scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
+    cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)  # reused: no page faults
+    total = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size)
+    done = 0
+    with torch.no_grad():
+        for c0 in range(0, n_cap, caption_chunk):
+            c1 = min(n_cap, c0 + caption_chunk)
+            # Caption elements ordered (K_t, m): a cosine chunk comes out batch-last.
+            caption_rows = captions[c0:c1].transpose(0, 1).reshape(k_t * (c1 - c0), dim)  # (K_t*m, D)
+            for i0 in range(0, n_img, chunk_size):
+                i1 = min(n_img, i0 + chunk_size)
+                image_rows = images[i0:i1].reshape((i1 - i0) * k_v, dim)  # (n*K_v, D)
+                cos = cos_buffer[: (i1 - i0) * k_v * k_t * (c1 - c0)].view((i1 - i0) * k_v, k_t * (c1 - c0))
+                torch.matmul(image_rows, caption_rows.T, out=cos)
+                cos = cos.view(i1 - i0, k_v, k_t, c1 - c0)  # (n, K_v, K_t, m)
+                scores[i0:i1, c0:c1] = _reduce_blocks(cos, method, options, value_only=True)
+                done += 1
+                if progress:
+                    print(f"\rscore_matrix {method}: chunk {done}/{total}", end="", file=sys.stderr)
+        if progress:
+            print(file=sys.stderr)
+    _check_finite(scores, "similarity scores")
+    return scores
+
+
+def max_pair_assignment(cos):
+    """Exact maximum-weight assignment of every cosine block.
+
+    cos (..., K_v, K_t) with K_v <= K_t. Returns LongTensor (..., K_v): the column matched to
+    each row; the columns of one block are distinct and maximise the sum of matched entries.
+    """
+    return _blocks_to_batch_last(cos, _max_pair_assignment_batch_last)
+
+
+def greedy_assignment(cos):
+    """Greedy assignment: repeatedly match the largest remaining entry (first in row-major order
+    on ties) and strike its row and column. cos (..., K_v, K_t), K_v <= K_t -> (..., K_v)."""
+    return _blocks_to_batch_last(cos, _greedy_assignment_batch_last)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: checks and layout
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_options(method, options):
+    """Validate the method name and its options; return the options with defaults filled in."""
+    if method not in METHOD_OPTIONS:
+        raise ValueError(f"unknown similarity method {method!r}; valid methods: {', '.join(METHODS)}")
+    allowed = METHOD_OPTIONS[method]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(allowed) or 'none'}"
+        )
+    resolved = {**allowed, **options}
+    if "score" in resolved and resolved["score"] not in ("mean", "exp"):
+        raise ValueError(f"option score must be 'mean' or 'exp', got {resolved['score']!r}")
+    if "alpha" in resolved and not resolved["alpha"] > 0:
+        raise ValueError(f"option alpha must be > 0, got {resolved['alpha']!r}")
+    return resolved
+
+
+def _check_sets(images, captions):
+    if images.dim() != 3 or captions.dim() != 3 or images.shape[2] != captions.shape[2]:
+        raise ValueError(
+            f"expected images (N_img, K_v, D) and captions (N_cap, K_t, D), got "
+            f"{tuple(images.shape)} and {tuple(captions.shape)}"
+        )
+    _check_finite(images, "image set embeddings")
+    _check_finite(captions, "caption set embeddings")
+
+
+def _check_finite(tensor, what):
+    """Raise on NaN or +-inf. min and max propagate NaN: two fast reductions, no bool tensor."""
+    if tensor.numel() and not torch.isfinite(torch.stack(torch.aminmax(tensor.detach()))).all():
+        raise ValueError(f"non-finite values (NaN or inf) in {what}: cosines would be meaningless")
+
+
+def _cosine_blocks(images, captions):
+    """All cosine blocks, batch-last: (N_img, K_v, D) x (N_cap, K_t, D) -> (N_img, K_v, K_t, N_cap)."""
+    n_img, k_v, dim = images.shape
+    n_cap, k_t, _ = captions.shape
+    caption_rows = captions.transpose(0, 1).reshape(k_t * n_cap, dim)  # (K_t*N_cap, D)
+    return (images.reshape(n_img * k_v, dim) @ caption_rows.T).view(n_img, k_v, k_t, n_cap)
+
+
+def _blocks_to_batch_last(cos, assign_batch_last):
+    """Run a batch-last assignment on blocks (..., K_v, K_t); return (..., K_v)."""
+    if cos.dim() < 2:
+        raise ValueError(f"expected cosine blocks (..., K_v, K_t), got shape {tuple(cos.shape)}")
+    k_v, k_t = cos.shape[-2:]
+    if k_v > k_t:
+        raise ValueError(f"need K_v <= K_t (got {k_v} x {k_t}); pass the transposed blocks")
+    _check_finite(cos, "cosine blocks")
+    blocks = cos.detach().reshape(-1, k_v, k_t)  # (P, K_v, K_t)
+    columns = torch.empty(blocks.shape[0], k_v, dtype=torch.long, device=cos.device)  # (P, K_v)
+    step = max(1, SCRATCH_BYTES // (k_v * k_t * cos.element_size()))  # cache-sized pieces
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], step):
+            piece = blocks[start:start + step].permute(1, 2, 0).unsqueeze(0)  # (1, K_v, K_t, p), a view
+            columns[start:start + step] = assign_batch_last(_as_float(piece))[0]
+    return columns.view(*cos.shape[:-2], k_v)
+
+
+def _as_float(tensor):
+    """Half precision sums of K cosines can tie or misorder; match in float32 at least."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _problem_slices(num_groups, num_problems, bytes_per_problem, budget=None):
+    """Split a (G, ..., P) batch into (group slice, problem slice) pieces of about budget bytes
+    (default SCRATCH_BYTES)."""
+    budget = budget or SCRATCH_BYTES
+    per_group = max(1, num_problems) * bytes_per_problem
+    if per_group <= budget:
+        step = max(1, budget // per_group)
+        for g0 in range(0, num_groups, step):
+            yield slice(g0, min(num_groups, g0 + step)), slice(None)
+    else:
+        step = max(1, budget // bytes_per_problem)
+        for g in range(num_groups):
+            for p0 in range(0, num_problems, step):
+                yield slice(g, g + 1), slice(p0, min(num_problems, p0 + step))
+
+
+def _first_argmax(values, dim):
+    """(index of the first maximum along dim as a LongTensor, the maximum) of values.
+
+    Built from amax and a comparison, which run vectorised across the contiguous last dimension;
+    torch's argmax / max(dim) over a middle dimension are several times slower on CPU.
+    """
+    size = values.shape[dim]
+    dtype = torch.uint8 if size < 256 else torch.int32
+    shape = [1] * values.dim()
+    shape[dim] = size
+    rank = torch.arange(size, 0, -1, dtype=dtype, device=values.device).view(shape)  # first = largest
+    best = values.amax(dim, keepdim=True)
+    is_best = values >= best  # the same as ==, and faster
+    is_best = is_best.view(torch.uint8) if dtype == torch.uint8 else is_best.to(dtype)
+    first = size - (is_best * rank).amax(dim).to(torch.long)
+    return first, best.squeeze(dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: reduction of cosine blocks (G, K_v, K_t, P) -> scores (G, P)
+# ----------------------------------------------------------------------------------------------
+
+
+def _reduce_blocks(cos, method, options, value_only):
+    """Score every batch-last cosine block (G, K_v, K_t, P) -> (G, P)."""
+    if method in ("max_pair", "greedy"):
+        if cos.shape[1] > cos.shape[2]:
+            cos = cos.transpose(1, 2)  # match the smaller side: (G, K_min, K_max, P)
+        if method == "max_pair" and value_only and options["score"] == "mean":
+            return _max_pair_value_batch_last(_as_float(cos)).to(cos.dtype) / cos.shape[1]
+        assign = _max_pair_assignment_batch_last if method == "max_pair" else _greedy_assignment_batch_last
+        with torch.no_grad():
+            columns = assign(_as_float(cos.detach()))  # (G, P, K_min)
+        matched = cos.gather(2, columns.transpose(1, 2).unsqueeze(2)).squeeze(2)  # (G, K_min, P)
+        return matched.mean(1) if options["score"] == "mean" else torch.expm1(matched).mean(1)
+    if method == "smooth_chamfer":
+        alpha = float(options["alpha"])
+        scaled = alpha * cos
+        return 0.5 * (torch.logsumexp(scaled, 2).mean(1) + torch.logsumexp(scaled, 1).mean(1)) / alpha
+    if method == "chamfer":
+        return 0.5 * (cos.amax(2).mean(1) + cos.amax(1).mean(1))
+    if method == "mil":
+        return cos.amax(dim=(1, 2))
+    if method == "topk":
+        k = min(cos.shape[1], cos.shape[2]) if options["k"] is None else options["k"]
+        if not 1 <= k <= cos.shape[1] * cos.shape[2]:
+            raise ValueError(f"option k must be in [1, K_v*K_t], got {k}")
+        return cos.flatten(1, 2).topk(int(k), dim=1).values.mean(1)
+    raise AssertionError(method)
+
+
+def _uses_permutations(k_v, k_t, assignment):
+    return max(k_v, k_t) <= (PERMUTATION_MAX_K_ASSIGNMENT if assignment else PERMUTATION_MAX_K_SCORE)
+
+
+def _max_pair_value_batch_last(cos):
+    """Maximum assignment SUM of every block: (G, K_v, K_t, P), K_v <= K_t -> (G, P)."""
+    groups, k_v, k_t, problems = cos.shape
+    out = cos.new_empty(groups, problems)
+    if _uses_permutations(k_v, k_t, assignment=False):
+        maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
+        for g, p in _problem_slices(groups, problems, maps.shape[0] * cos.element_size()):
+            out[g, p] = _map_sums(maps, cos[g, :, :, p]).amax(1)
+        return out
+    tables = _subset_tables(k_v, k_t, cos.device)
+    per_problem = _dp_bytes_per_problem(tables, cos)
+    for g, p in _problem_slices(groups, problems, per_problem, max(DP_SCRATCH_BYTES, 16 * per_problem)):
+        best = _subset_dp(_problems_last(cos[g, :, :, p]), tables)[-1]  # (L, n)
+        out[g, p] = best.amax(0).view(out[g, p].shape)
+    return out
+
+
+def _max_pair_assignment_batch_last(cos):
+    """Exact assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)."""
+    groups, k_v, k_t, problems = cos.shape
+    columns = torch.empty(groups, problems, k_v, dtype=torch.long, device=cos.device)
+    if _uses_permutations(k_v, k_t, assignment=True):
+        maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
+        map_columns = _injective_maps(k_v, k_t).to(cos.device)  # (M, K_v)
+        for g, p in _problem_slices(groups, problems, maps.shape[0] * cos.element_size()):
+            best_map = _first_argmax(_map_sums(maps, cos[g, :, :, p]), 1)[0]  # (g, p)
+            columns[g, p] = map_columns.index_select(0, best_map.flatten()).view(*best_map.shape, k_v)
+        return columns
+    tables = _subset_tables(k_v, k_t, cos.device)
+    per_problem = _dp_bytes_per_problem(tables, cos)
+    for g, p in _problem_slices(groups, problems, per_problem, max(DP_SCRATCH_BYTES, 16 * per_problem)):
+        block = _problems_last(cos[g, :, :, p])  # (K_v, K_t, n)
+        layers = _subset_dp(block, tables)
+        position = _first_argmax(layers[-1], 0)[0]  # (n,): the best final column subset
+        slice_columns = torch.empty(position.shape[0], k_v, dtype=torch.long, device=cos.device)  # (n, K_v)
+        for row in range(k_v - 1, -1, -1):
+            # Backtrack: recompute the r candidates of the chosen subset (bit-identical to the
+            # forward pass) and follow the first that reaches its best value.
+            prev, col = tables[row]  # (L_r, r): predecessor subset and column of each choice
+            prev_positions, choice_columns = prev.index_select(0, position), col.index_select(0, position)  # (n, r)
+            before = layers[row - 1] if row else block.new_zeros(1, position.shape[0])  # (L_{r-1}, n)
+            candidates = before.gather(0, prev_positions.T) + block[row].gather(0, choice_columns.T)  # (r, n)
+            choice = _first_argmax(candidates, 0)[0].unsqueeze(1)  # (n, 1)
+            slice_columns[:, row] = choice_columns.gather(1, choice).squeeze(1)
+            position = prev_positions.gather(1, choice).squeeze(1)
+        columns[g, p] = slice_columns.view(columns[g, p].shape)
+    return columns
+
+
+def _map_sums(maps, blocks):
+    """maps (M, K_v*K_t) x blocks (g, K_v, K_t, p) -> (g, M, p): the sum of every injective map.
+    One group goes through a plain matrix product, which reads a transposed view without a copy."""
+    flat = blocks.flatten(1, 2)  # (g, K_v*K_t, p)
+    return (maps @ flat[0]).unsqueeze(0) if flat.shape[0] == 1 else maps @ flat
+
+
+def _problems_last(blocks):
+    """(g, K_v, K_t, p) -> contiguous (K_v, K_t, n = g*p): every DP step is then a row operation."""
+    return blocks.permute(1, 2, 0, 3).reshape(blocks.shape[1], blocks.shape[2], -1).contiguous()
+
+
+def _dp_bytes_per_problem(tables, cos):
+    """Scratch of the subset DP per problem: the widest candidate layer twice, plus every layer."""
+    widest = max(prev.numel() for prev, _ in tables)
+    return (2 * widest + sum(prev.shape[0] for prev, _ in tables)) * cos.element_size()
+
+
+def _subset_dp(cos, tables):
+    """DP over column subsets: best[S] = best sum matching rows 0..|S|-1 to the columns of S.
+
+    cos (K_v, K_t, n). Layer r holds every r-subset S of columns:
+    best_r[S] = max_{j in S} best_{r-1}[S - j] + C[r-1, j]. Returns [best_1, ..., best_{K_v}],
+    best_r (C(K_t, r), n).
+    """
+    best = cos.new_zeros(1, cos.shape[2])  # (1, n): the empty subset
+    layers = []
+    for row, (prev, col) in enumerate(tables):
+        candidates = best.index_select(0, prev.flatten())  # (L_r * r, n)
+        candidates += cos[row].index_select(0, col.flatten())
+        best = candidates.view(*prev.shape, -1).amax(1)  # (L_r, n)
+        layers.append(best)
+    return layers
+
+
+@functools.lru_cache(maxsize=None)
+def _injective_maps(k_v, k_t):
+    """Every injective map rows -> columns, as LongTensor (M, K_v), M = K_t! / (K_t - K_v)!."""
+    return torch.tensor(list(itertools.permutations(range(k_t), k_v)), dtype=torch.long).view(-1, k_v)
+
+
+@functools.lru_cache(maxsize=None)
+def _injective_map_matrix(k_v, k_t, device, dtype):
+    """0/1 matrix (M, K_v*K_t): row m picks the entries (a, map_m(a)) of a flattened block."""
+    maps = _injective_maps(k_v, k_t)
+    matrix = torch.zeros(maps.shape[0], k_v, k_t, dtype=dtype)
+    matrix.scatter_(2, maps.unsqueeze(2), 1.0)
+    return matrix.flatten(1).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _subset_tables(k_v, k_t, device):
+    """For layer r = 1..K_v: (prev, col), each LongTensor (L_r, r) over the r-subsets of columns
+    (L_r = C(K_t, r)): for each subset S and each column j in S, the position of S - j in layer
+    r-1 and j itself."""
+    layers = [[()]]
+    tables = []
+    for r in range(1, k_v + 1):
+        subsets = list(itertools.combinations(range(k_t), r))
+        position = {s: i for i, s in enumerate(layers[-1])}
+        prev = [[position[tuple(c for c in s if c != j)] for j in s] for s in subsets]
+        tables.append((torch.tensor(prev).view(len(subsets), r).to(device),
+                       torch.tensor(subsets).view(len(subsets), r).to(device)))
+        layers.append(subsets)
+    return tuple(tables)
+
+
+def _greedy_assignment_batch_last(cos):
+    """Greedy assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)."""
+    groups, k_v, k_t, problems = cos.shape
+    columns = torch.empty(groups, problems, k_v, dtype=torch.long, device=cos.device)
+    entry_row = torch.arange(k_v * k_t, device=cos.device) // k_t  # (K_v*K_t,) row of a flat entry
+    entry_col = torch.arange(k_v * k_t, device=cos.device) % k_t
+    for g, p in _problem_slices(groups, problems, 4 * k_v * k_t * cos.element_size()):
+        block = _problems_last(cos[g, :, :, p])  # (K_v, K_t, n)
+        n = block.shape[2]
+        row_penalty = block.new_zeros(k_v, 1, n)  # -inf on struck rows
+        col_penalty = block.new_zeros(1, k_t, n)  # -inf on struck columns
+        slice_columns = torch.empty(n, k_v, dtype=torch.long, device=cos.device)
+        for _ in range(k_v):
+            entry = _first_argmax((block + row_penalty + col_penalty).view(k_v * k_t, n), 0)[0]  # (n,)
+            row, col = entry_row.index_select(0, entry), entry_col.index_select(0, entry)
+            slice_columns.scatter_(1, row.unsqueeze(1), col.unsqueeze(1))
+            row_penalty.view(k_v, n).scatter_(0, row.unsqueeze(0), -math.inf)
+            col_penalty.view(k_t, n).scatter_(0, col.unsqueeze(0), -math.inf)
+        columns[g, p] = slice_columns.view(columns[g, p].shape)
+    return columns
