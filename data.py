@@ -19,7 +19,6 @@ CLI: `python data.py --check CONFIG.yaml [key.sub=value ...]` (and `--prepare` t
 """
 import argparse
 import collections
-import copy
 import itertools
 import json
 import math
@@ -56,10 +55,10 @@ SHAPES_DEFAULTS = {
     "num_test": 1000,
     "image_size": 64,
     "min_objects": 2,               # objects per image: uniform in [min_objects, max_objects]
-    "max_objects": 4,
+    "max_objects": 3,
     "num_shapes": 7,                # first N of SHAPE_NAMES
     "num_colours": 8,               # first N of COLOUR_NAMES
-    "caption_objects_probs": [0.15, 0.65, 0.2],  # P(a caption describes 1, 2, 3 objects)
+    "caption_objects_probs": [0.05, 0.65, 0.3],  # P(a caption describes 1, 2, 3 objects)
     "omit_size_prob": 0.3,          # per described object
     "omit_position_prob": 0.3,      # per described object in multi-object captions
     "relation_prob": 0.25,          # two-object captions: "a X left of / above a Y" instead of positions
@@ -181,8 +180,8 @@ def shapes_caption_ambiguity(json_path, split="test"):
 
 
 def generate_shapes(root, *, seed=0, num_train=4000, num_val=500, num_test=1000, image_size=64,
-                    min_objects=2, max_objects=4, num_shapes=7, num_colours=8,
-                    caption_objects_probs=(0.15, 0.65, 0.2), omit_size_prob=0.3, omit_position_prob=0.3,
+                    min_objects=2, max_objects=3, num_shapes=7, num_colours=8,
+                    caption_objects_probs=(0.05, 0.65, 0.3), omit_size_prob=0.3, omit_position_prob=0.3,
                     relation_prob=0.25, captions_per_image=5):
     """Write the built-in dataset into `root` (images/*.png + dataset_shapes.json); return the JSON path.
 
@@ -934,46 +933,19 @@ def _noun_phrase(obj, with_size, with_position, rng):
 # CLI
 
 
-def _load_cli_config(path, overrides):
-    """Deep-merge a YAML file over the repository's config.yaml, then apply key.sub=value overrides."""
-    import yaml
-
-    def merge(base, extra):
-        for key, value in (extra or {}).items():
-            base[key] = merge(base.get(key) or {}, value) if isinstance(value, dict) and isinstance(
-                base.get(key), dict) else copy.deepcopy(value)
-        return base
-
-    defaults_path = Path(__file__).resolve().parent / "config.yaml"
-    cfg = yaml.safe_load(defaults_path.read_text()) or {}
-    if path:
-        if not Path(path).is_file():
-            raise DataError(f"config file {path} not found")
-        cfg = merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
-    for item in overrides:
-        if "=" not in item:
-            raise DataError(f"override {item!r} is not key.sub=value")
-        dotted, value = item.split("=", 1)
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(value)
-    return cfg
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Check (or prepare) the data a MaxMatch config points at.")
     parser.add_argument("--check", metavar="CONFIG", help="YAML config to check (merged over config.yaml)")
     parser.add_argument("--prepare", action="store_true", help="generate shapes / validate, then check")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_intermixed_args(argv)
+    from train import ConfigError, load_config   # the one config loader (defaults + YAML + overrides)
     try:
-        cfg = _load_cli_config(args.check, args.overrides)
+        cfg = load_config(args.check, args.overrides)
         if args.prepare:
             prepare_data(cfg["data"])
         problems, counts = _inspect_data(cfg["data"])
-    except DataError as error:
+    except (ConfigError, DataError) as error:
         print(f"data problem: {error}", file=sys.stderr)
         return 1
     if problems:
@@ -985,4 +957,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from data import main as module_main   # one module object, so DataError is the class train.py sees
+    sys.exit(module_main())

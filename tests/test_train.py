@@ -1,0 +1,241 @@
+"""train.py / evaluate.py end to end on tiny data: config handling, a CPU run, exact resume,
+DDP equivalence, interruption, and the one-line errors a user can cause."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from evaluate import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_overrides(tmp_path, name="run", dataset="shapes"):
+    """A run that takes seconds: 48 tiny shapes images, K=2, D=32, a two-stage ResNet-18."""
+    common = [f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}", "run.num_threads=1",
+              "model.embed_dim=32", "model.num_embeds=2", "model.set_head.depth=1", "model.text.word_dim=16",
+              "train.epochs=2", "train.batch_size=8", "train.log_every=1", "eval.batch_size=16"]
+    if dataset == "shapes":
+        return common + [f"data.root={tmp_path / 'shapes'}", "data.shapes.num_train=48", "data.shapes.num_val=16",
+                         "data.shapes.num_test=16", "data.shapes.image_size=32", "data.image_size=32",
+                         "model.image.stop_after=layer1"]
+    return common + [f"data.root={tmp_path / 'precomp'}", "data.dataset=precomputed", "model.image.type=precomputed",
+                     "model.image.feature_dim=12"]
+
+
+def write_precomputed(root, num_images=32, regions=5, feature_dim=12, seed=0):
+    """A SCAN-layout folder: {split}_ims.npy (N, regions, F) and 5 captions per image."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    words = ["red", "blue", "cat", "dog", "sits", "runs", "big", "small", "on", "mat"]
+    for split in ("train", "dev", "test"):
+        np.save(os.path.join(root, f"{split}_ims.npy"),
+                rng.standard_normal((num_images, regions, feature_dim)).astype(np.float32))
+        with open(os.path.join(root, f"{split}_caps.txt"), "w") as handle:
+            for _ in range(num_images * 5):
+                handle.write(" ".join(rng.choice(words, size=rng.integers(3, 7))) + "\n")
+
+
+def run_cli(args, timeout=300, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def weights(path):
+    return load_checkpoint(str(path))["model"]
+
+
+def assert_same_weights(first, second, atol=0.0):
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=atol, rtol=0, msg=key)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_overrides_are_typed_and_unknown_keys_are_named():
+    cfg = train.load_config(None, ["train.epochs=3", "train.lr=1e-4", "model.image.weights=/x/r.pth",
+                                   "loss.similarity_options={alpha: 8}", "train.grad_clip=0"])
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == pytest.approx(1e-4)
+    assert cfg["model"]["image"]["weights"] == "/x/r.pth"
+    assert cfg["loss"]["similarity_options"] == {"alpha": 8}
+    with pytest.raises(train.ConfigError, match="train.epoch"):
+        train.load_config(None, ["train.epoch=3"])
+    with pytest.raises(train.ConfigError, match="'train.epochs' .* expects int"):
+        train.load_config(None, ["train.epochs=many"])
+    with pytest.raises(train.ConfigError, match="nosuch.key"):
+        train.load_config(None, ["nosuch.key=1"])
+    with pytest.raises(train.ConfigError, match="key.sub=value"):
+        train.load_config(None, ["train.epochs"])
+
+
+def test_config_file_is_merged_over_defaults_with_the_same_checks(tmp_path):
+    path = tmp_path / "preset.yaml"
+    path.write_text("model:\n  num_embeds: 7\ntrain:\n  batch_size: 64\n")
+    cfg = train.load_config(str(path), ["train.batch_size=32"])
+    assert cfg["model"]["num_embeds"] == 7 and cfg["train"]["batch_size"] == 32
+    assert cfg["model"]["embed_dim"] == train.load_config()["model"]["embed_dim"]
+    path.write_text("model:\n  num_embedz: 7\n")
+    with pytest.raises(train.ConfigError, match="model.num_embedz.*preset.yaml"):
+        train.load_config(str(path))
+
+
+def test_impossible_combinations_are_rejected_before_training():
+    cfg = train.load_config(None, ["train.batch_size=10"])
+    with pytest.raises(train.ConfigError, match="divisible by the number of processes"):
+        train.validate_config(cfg, world_size=3)
+    with pytest.raises(train.ConfigError, match="loss.similarity='hungarian'"):
+        train.validate_config(train.load_config(None, ["loss.similarity=hungarian"]), world_size=1)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    multiplier = train.cosine_with_warmup(total_steps=110, warmup_steps=10)
+    assert multiplier(0) == pytest.approx(0.1) and multiplier(9) == pytest.approx(1.0)
+    assert multiplier(10) == pytest.approx(1.0) and multiplier(60) == pytest.approx(0.5)
+    assert multiplier(110) == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(tmp_path):
+    result = run_cli(["train.py", *tiny_overrides(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "run"
+    for name in ("config.yaml", "log.jsonl", "last.pt", "best.pt", "test_metrics.json"):
+        assert (run_dir / name).is_file(), name
+    assert "rsum" in result.stdout and "i2t_r1" in result.stdout
+    checkpoint = load_checkpoint(str(run_dir / "best.pt"))
+    assert checkpoint["vocab"][:5] == ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
+    assert checkpoint["config"]["loss"]["similarity"] == "max_pair"
+
+    out = tmp_path / "metrics.json"
+    evaluated = run_cli(["evaluate.py", "--ckpt", str(run_dir / "best.pt"), "--out", str(out)])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "intra-set cos" in evaluated.stdout
+    import json
+    metrics = json.loads(out.read_text())
+    saved = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["all"]["rsum"] == pytest.approx(saved["rsum"], abs=1e-6)
+    greedy = run_cli(["evaluate.py", "--ckpt", str(run_dir / "best.pt"), "--method", "greedy", "--split", "val"])
+    assert greedy.returncode == 0 and "similarity: greedy" in greedy.stdout
+
+
+def test_resuming_mid_epoch_gives_the_same_weights_as_training_straight(tmp_path):
+    base = tiny_overrides(tmp_path, dataset="precomputed") + ["run.deterministic=true", "data.region_drop=0.3"]
+    write_precomputed(tmp_path / "precomp")
+    straight = train.main(base + ["run.name=straight"])
+    assert straight == 0
+    first = train.main(base + ["run.name=resumed", "train.stop_after_steps=5"])   # 4 steps/epoch: stops in epoch 2
+    assert first == 0
+    state = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))["state"]
+    assert (state["epoch"], state["step"]) == (1, 1)
+    second = train.main(base + ["run.name=resumed", "--resume", "auto"])
+    assert second == 0
+    assert_same_weights(weights(tmp_path / "runs" / "straight" / "last.pt"),
+                        weights(tmp_path / "runs" / "resumed" / "last.pt"))
+
+
+def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path):
+    write_precomputed(tmp_path / "precomp")
+    # SGD, not Adam: Adam's update ignores the gradient's scale, so it would hide a loss-scaling bug.
+    # One step at this lr moves half of the weights by more than 1e-4; float noise stays below it.
+    base = tiny_overrides(tmp_path, dataset="precomputed") + [
+        "model.dropout=0.0", "data.token_drop=0.0", "data.region_drop=0.0", "train.epochs=1",
+        "train.stop_after_steps=3", "train.optimizer=sgd", "train.lr=0.1"]
+    single = run_cli(["train.py", *base, "run.name=single"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                      "train.py", *base, "run.name=double"])
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "runs" / "single" / "last.pt"),
+                        weights(tmp_path / "runs" / "double" / "last.pt"), atol=1e-4)
+
+
+def test_sigterm_saves_a_usable_last_checkpoint_and_exits_cleanly(tmp_path):
+    write_precomputed(tmp_path / "precomp", num_images=32)
+    args = tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=500"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "runs" / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "saved" in stdout and "--resume auto" in stdout
+    checkpoint = load_checkpoint(str(tmp_path / "runs" / "run" / "last.pt"))
+    assert checkpoint["state"]["global_step"] >= 3
+    assert not [p for p in os.listdir(tmp_path / "runs" / "run") if ".tmp" in p]
+
+
+# ----------------------------------------------------------------------------- user errors
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    write_precomputed(tmp_path / "precomp")
+    base = tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]
+    assert train.main(base) == 0
+    last = tmp_path / "runs" / "run" / "last.pt"
+    before = last.read_bytes()
+    code = train.main(base + ["train.epochs=2", "loss.triplet={weight: 1.0, margin: .nan, hardest: true}",
+                              "--resume", "auto"])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "non-finite loss at epoch 2 step 1" in message and "triplet=nan" in message
+    assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data.dataset=coco", "data.root=/no/such/coco"], "/no/such/coco"),
+    (["loss.similarity=hungarian"], "loss.similarity='hungarian' is unknown"),
+    (["train.epochs=three"], "train.epochs"),
+])
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, message):
+    result = run_cli(["train.py", f"run.out_dir={tmp_path}", *args], timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
+
+
+def test_truncated_checkpoint_is_reported_not_traced(tmp_path):
+    broken = tmp_path / "best.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "config": {}}, broken)
+    broken.write_bytes(broken.read_bytes()[:500])
+    result = run_cli(["evaluate.py", "--ckpt", str(broken)], timeout=120)
+    assert result.returncode == 2
+    assert "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_existing_run_is_never_overwritten_without_resume(tmp_path):
+    write_precomputed(tmp_path / "precomp")
+    base = tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]
+    assert train.main(base) == 0
+    last = tmp_path / "runs" / "run" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(train.ConfigError, match="--resume auto"):
+        train.train(train.load_config(None, base))
+    assert last.read_bytes() == before
+
+
+def test_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    train.atomic_save({"a": 1}, str(path))
+    before = path.read_bytes()
+
+    def explode(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(OSError):
+        train.atomic_save({"a": 2}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]

@@ -1,0 +1,565 @@
+"""Train MaxMatch (SPEC section 4) on one CPU, one GPU, or many GPUs with torchrun.
+
+    python train.py                                   # built-in shapes dataset, then test metrics
+    python train.py --config configs/X.yaml train.epochs=3 model.num_embeds=2
+    torchrun --nproc_per_node=8 train.py --config configs/X.yaml
+    python train.py --resume auto                     # continue runs/<run.name>/last.pt exactly
+
+Each step encodes B images and their B*C captions as sets, all-gathers the sets WITH gradient
+across processes (so hardest negatives come from the global batch), scores every image against
+every caption with `similarity.pairwise_similarity` (exact max_pair by default) and minimises
+`losses.maxmatch_loss`: L = L_tri + l_con L_con + l_mmd L_mmd + l_div L_div + l_gd L_gd + l_isd L_isd.
+`train.batch_size` is the GLOBAL number of images per step.
+
+A run directory `<run.out_dir>/<run.name>` holds config.yaml, log.jsonl, last.pt, best.pt (by
+validation RSUM) and, at the end, test_metrics.json. Checkpoints are written atomically.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, prepare_data,
+                  set_loader_epoch, training_captions)
+from evaluate import (CheckpointError, autocast, evaluate_model, format_results, load_checkpoint,
+                      move_to)
+from losses import maxmatch_loss
+from model import ModelError, build_model
+from similarity import METHODS, pairwise_similarity
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
+CHECKPOINT_VERSION = 1
+
+
+class ConfigError(Exception):
+    """An unknown config key, a value of the wrong type, or an impossible combination."""
+
+
+class TrainingError(Exception):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train MaxMatch; overrides are key.sub=value")
+    parser.add_argument("--config", default=None, help="YAML merged over config.yaml (default: config.yaml)")
+    parser.add_argument("--resume", default=None, help="'auto' (<run dir>/last.pt if present) or a checkpoint path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        return stop.exit_code
+    return 0
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def load_config(path=None, overrides=()):
+    """config.yaml defaults, deep-merged with the YAML at `path`, then dotted overrides."""
+    cfg = read_yaml(DEFAULT_CONFIG)
+    if path is not None:
+        cfg = merge_config(cfg, read_yaml(path), source=path)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg, overrides):
+    """A copy of cfg with each 'a.b.c=value' applied (value parsed as YAML); unknown keys fail."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for depth, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"unknown config key {key!r} ({'.'.join(parents[:depth + 1])} is not a section)")
+            node = node[part]
+        value = yaml.safe_load(text) if text else None
+        node[leaf] = checked_value(key, node, leaf, value)
+    return cfg
+
+
+def merge_config(base, update, source, prefix=""):
+    """Deep merge of a YAML dict over the defaults with the same key and type checks as overrides."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"{source}: expected a mapping of config sections, got {type(update).__name__}")
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and merged[key]:
+            merged[key] = merge_config(merged[key], value, source, f"{prefix}{key}.")
+        else:
+            merged[key] = checked_value(f"{prefix}{key}", merged, key, value, source)
+    return merged
+
+
+def checked_value(key, node, leaf, value, source="command line"):
+    """The value to store at node[leaf], or a ConfigError naming the key."""
+    free_form = isinstance(node, dict) and len(node) == 0 or node is None
+    if free_form:
+        return value
+    if leaf not in node:
+        raise ConfigError(f"unknown config key {key!r} in {source}; known keys here: {', '.join(node)}")
+    default = node[leaf]
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(default, int) and isinstance(value, int):
+        return value
+    elif isinstance(default, (dict, list, str)) and isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"config key {key!r} ({source}) expects {type(default).__name__}, got {value!r}")
+
+
+def read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as handle:
+            return yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+
+
+def checkpoint_config(checkpoint, path):
+    """The checkpoint's config over today's defaults, so keys added since it was written get them."""
+    return merge_config(read_yaml(DEFAULT_CONFIG), checkpoint["config"], source=path)
+
+
+def validate_config(cfg, world_size):
+    """Combinations the key/type checks cannot see."""
+    if cfg["loss"]["similarity"] not in METHODS:
+        raise ConfigError(f"loss.similarity={cfg['loss']['similarity']!r} is unknown; use one of {', '.join(METHODS)}")
+    sets = torch.nn.functional.normalize(torch.randn(2, cfg["model"]["num_embeds"], 4), dim=-1)
+    try:    # the similarity and every loss term on a tiny batch: bad options fail here, not at step 1
+        scores = pairwise_similarity(sets, sets, method=cfg["loss"]["similarity"],
+                                     **cfg["loss"]["similarity_options"])
+        maxmatch_loss(cfg["loss"], scores, torch.eye(2, dtype=torch.bool), sets, sets, sets, sets,
+                      sets[:, 0], sets[:, 0])
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"loss section: {error}") from None
+    method = cfg["eval"]["method"]
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"eval.method={method!r} is unknown; use one of {', '.join(METHODS)} or null")
+    if cfg["train"]["batch_size"] % world_size:
+        raise ConfigError(f"train.batch_size={cfg['train']['batch_size']} is the GLOBAL batch and must be "
+                          f"divisible by the number of processes ({world_size})")
+    if cfg["train"]["optimizer"] not in ("adamw", "sgd"):
+        raise ConfigError(f"train.optimizer={cfg['train']['optimizer']!r}; use adamw or sgd")
+    if cfg["train"]["amp"] not in ("bf16", "fp16", "off"):
+        raise ConfigError(f"train.amp={cfg['train']['amp']!r}; use bf16, fp16 or off")
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(cfg, resume=None):
+    """Run training as configured; returns the run directory."""
+    context = setup_distributed(cfg)
+    validate_config(cfg, context.world_size)
+    if cfg["run"]["num_threads"]:
+        torch.set_num_threads(int(cfg["run"]["num_threads"]))
+    if cfg["run"]["deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    run_dir = os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
+    checkpoint = resume_checkpoint(resume, run_dir, cfg)
+
+    if context.is_main:
+        prepare_data(cfg["data"])
+    context.barrier()
+    vocab = checkpoint["vocab"] if checkpoint else make_vocabulary(cfg)
+    tokenizer = build_text_tokenizer(cfg["model"]["text"], vocab)
+    seed_everything(cfg["run"]["seed"])
+    model = build_model(cfg, vocab).to(context.device)
+    train_loader = build_loader(cfg, "train", tokenizer, train=True, rank=context.rank,
+                                world_size=context.world_size)
+    val_loader = build_loader(cfg, "val", tokenizer, train=False) if context.is_main else None
+    steps_per_epoch = train_loader.batch_sampler.batches_per_epoch
+    optimizer = build_optimizer(model, cfg["train"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
+        total_steps=cfg["train"]["epochs"] * steps_per_epoch, warmup_steps=cfg["train"]["warmup_steps"]))
+    use_scaler = context.device.type == "cuda" and cfg["train"]["amp"] == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    state = {"epoch": 0, "step": 0, "global_step": 0, "best_rsum": -math.inf}
+    if checkpoint:
+        state = restore_state(checkpoint, model, optimizer, scheduler, scaler)
+    seed_everything(cfg["run"]["seed"] + context.rank, restore=checkpoint and checkpoint.get("rng"))
+    trainer = model
+    if context.world_size > 1:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    if context.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
+            yaml.safe_dump(cfg, handle, sort_keys=False)
+        print(f"run {run_dir}: {count_parameters(model) / 1e6:.2f}M parameters, {steps_per_epoch} steps/epoch "
+              f"x {cfg['train']['epochs']} epochs, {context.world_size} process(es) on {context.device}",
+              flush=True)
+    save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context.is_main)
+    stop = StopRequest()
+    log = JsonlLog(os.path.join(run_dir, "log.jsonl")) if context.is_main else None
+    steps_this_invocation = 0
+    stop_after = cfg["train"]["stop_after_steps"]
+    started = time.time()
+
+    for epoch in range(state["epoch"], cfg["train"]["epochs"]):
+        set_loader_epoch(train_loader, epoch, start_batch=state["step"])
+        trainer.train()
+        running = RunningMean()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['train']['epochs']}", leave=False,
+                   disable=not context.is_main or None, initial=state["step"], total=steps_per_epoch)
+        for batch in bar:
+            loss, terms = training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler)
+            state["step"] += 1
+            state["global_step"] += 1
+            steps_this_invocation += 1
+            if not torch.isfinite(loss):
+                values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                raise TrainingError(f"non-finite loss at epoch {epoch + 1} step {state['step']} "
+                                    f"(global step {state['global_step']}): {values}. The last good "
+                                    f"checkpoint in {run_dir} is kept; lower train.lr or check the data")
+            running.add(terms)
+            if log and state["global_step"] % cfg["train"]["log_every"] == 0:
+                log.write({"epoch": epoch, "step": state["step"], "global_step": state["global_step"],
+                           "lr": scheduler.get_last_lr()[0], **running.means()})
+            if stop.requested or (stop_after and steps_this_invocation >= stop_after):
+                save("last.pt", state)
+                if stop.requested:
+                    if context.is_main:
+                        print(f"stopped by signal at epoch {epoch + 1} step {state['step']}; saved "
+                              f"{run_dir}/last.pt (continue with --resume auto)", flush=True)
+                    raise Interrupted(128 + stop.signal_number)
+                return run_dir
+        state["epoch"], state["step"] = epoch + 1, 0
+        summary = {"epoch": epoch + 1, "train": running.means(), "time_s": round(time.time() - started, 1)}
+        if context.is_main:
+            results = evaluate_model(model, cfg, val_loader, context.device)
+            summary["val"] = results["all"]
+            summary["collapse"] = results["collapse"]
+            is_best = results["all"]["rsum"] > state["best_rsum"]
+            state["best_rsum"] = max(state["best_rsum"], results["all"]["rsum"])
+            log.write(summary)
+            print(epoch_line(summary, is_best), flush=True)
+        else:
+            is_best = False
+        save("last.pt", state)
+        if is_best:
+            save("best.pt", state)
+        context.barrier()
+
+    if context.is_main:
+        final_test(cfg, run_dir, context.device)
+    context.barrier()
+    return run_dir
+
+
+def training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler):
+    """One optimizer step on the global batch; returns the loss and the detached terms."""
+    batch = move_to(batch, context.device)
+    with autocast(context.device, cfg["train"]["amp"]):
+        image, caption = trainer(batch)
+    image = context.gather([t.float() for t in image])                       # (B, K, D), (B, K, D), (B, D)
+    caption = context.gather([t.float() for t in caption])                   # (B*C, ...)
+    image_ids, caption_image_ids = context.gather([batch["image_ids"], batch["caption_image_ids"]],
+                                                  with_grad=False)
+    try:
+        scores = pairwise_similarity(image[0], caption[0], method=cfg["loss"]["similarity"],
+                                     **cfg["loss"]["similarity_options"])    # (B, B*C)
+    except ValueError as error:     # non-finite set embeddings: the model diverged
+        raise TrainingError(f"{error}. The last good checkpoint is kept; lower train.lr") from None
+    positives = image_ids[:, None] == caption_image_ids[None, :]
+    loss, terms = maxmatch_loss(cfg["loss"], scores, positives, image[0], caption[0], image[1], caption[1],
+                                image[2], caption[2])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg["train"]["grad_clip"]:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg["train"]["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach(), {"loss": loss.detach(), **terms}
+
+
+def final_test(cfg, run_dir, device):
+    """Evaluate best.pt on the test split, print the table and write test_metrics.json."""
+    checkpoint = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    model, loader, device = build_eval_context(cfg, checkpoint, cfg["data"]["test_split"], device)
+    results = evaluate_model(model, cfg, loader, device)
+    print(format_results(results, title=f"test split, best checkpoint (epoch {checkpoint['epoch']})"), flush=True)
+    main_protocol = results.get("5k", results.get("all"))
+    with open(os.path.join(run_dir, "test_metrics.json"), "w") as handle:
+        json.dump({**main_protocol, **{k: v for k, v in results.items() if k not in ("all", "5k")}}, handle, indent=2)
+    return results
+
+
+def build_eval_context(cfg, checkpoint, split, device=None):
+    """Model (weights from the checkpoint), eval loader and device for evaluating `split`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg["run"]["device"] != "cpu" else "cpu"))
+    prepare_data(cfg["data"])
+    tokenizer = build_text_tokenizer(cfg["model"]["text"], checkpoint.get("vocab"))
+    model = build_model(cfg, checkpoint.get("vocab"))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint weights do not fit the model of its config ({str(error)[:200]})") from None
+    return model.to(device), build_loader(cfg, split, tokenizer, train=False), device
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def make_vocabulary(cfg):
+    if cfg["model"]["text"]["type"] != "gru":
+        return None
+    return build_vocabulary(training_captions(cfg["data"]), cfg["data"]["vocab_min_count"])
+
+
+def build_optimizer(model, train_cfg):
+    """AdamW (or SGD with momentum) with one parameter group per module group at lr * lr_scales[group]."""
+    groups = []
+    for name, params in model.parameter_groups().items():
+        if name not in train_cfg["lr_scales"]:
+            raise ConfigError(f"train.lr_scales has no entry for parameter group {name!r}")
+        if params:
+            groups.append({"params": params, "name": name, "lr": train_cfg["lr"] * train_cfg["lr_scales"][name]})
+    if train_cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg["lr"], momentum=0.9, weight_decay=train_cfg["weight_decay"])
+    return torch.optim.AdamW(groups, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
+
+
+def cosine_with_warmup(total_steps, warmup_steps):
+    """LR multiplier per iteration: linear warm-up, then cosine decay to 0 at total_steps."""
+    def multiplier(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return multiplier
+
+
+def resume_checkpoint(resume, run_dir, cfg):
+    """The checkpoint to continue from (None for a fresh run), checked against the config."""
+    if resume is None:
+        for name in ("last.pt", "best.pt"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                raise ConfigError(f"{run_dir} already holds {name}: continue it with --resume auto, or "
+                                  "start a new run with run.name=<new name>")
+        return None
+    path = os.path.join(run_dir, "last.pt") if resume == "auto" else resume
+    if resume == "auto" and not os.path.exists(path):
+        return None
+    checkpoint = load_checkpoint(path)
+    differences = config_differences(checkpoint["config"]["model"], cfg["model"], "model")
+    if differences:
+        raise CheckpointError(f"{path} was trained with another model config ({'; '.join(differences[:5])}); "
+                              "resume with the same config or start a new run")
+    return checkpoint
+
+
+def config_differences(old, new, prefix):
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [d for k in keys for d in config_differences(old.get(k), new.get(k), f"{prefix}.{k}")]
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def restore_state(checkpoint, model, optimizer, scheduler, scaler):
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    return dict(checkpoint["state"])
+
+
+def seed_everything(seed, restore=None):
+    """Seed Python and torch RNGs, or restore them from a checkpoint's 'rng' entry."""
+    if restore:
+        random.setstate(restore["python"])
+        torch.set_rng_state(restore["torch"])
+        if restore.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(restore["cuda"])
+        return
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+class CheckpointWriter:
+    """Writes checkpoints atomically (temp file, fsync, rename) from the main process only."""
+
+    def __init__(self, run_dir, cfg, vocab, model, optimizer, scheduler, scaler, is_main):
+        self.run_dir, self.cfg, self.vocab, self.is_main = run_dir, cfg, vocab, is_main
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+
+    def __call__(self, name, state):
+        if not self.is_main:
+            return
+        checkpoint = {"version": CHECKPOINT_VERSION, "model": self.model.state_dict(),
+                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                      "scaler": self.scaler.state_dict(), "state": dict(state), "epoch": state["epoch"],
+                      "rng": rng_state(), "config": self.cfg, "vocab": self.vocab}
+        atomic_save(checkpoint, os.path.join(self.run_dir, name))
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+class Interrupted(Exception):
+    """Raised after a signal-triggered save; carries the shell exit code (128 + signal)."""
+
+    def __init__(self, exit_code):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C set a flag; the loop saves last.pt after the current step and exits."""
+
+    def __init__(self):
+        self.requested, self.signal_number = False, 0
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signal_number, self.handle)
+
+    def handle(self, signal_number, frame):
+        self.requested, self.signal_number = True, signal_number
+
+
+class JsonlLog:
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, record):
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class RunningMean:
+    """Running means of the loss terms, kept on the device until read (no per-step host sync)."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def add(self, terms):
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.count += 1
+
+    def means(self):
+        return {key: round(value.item() / max(self.count, 1), 5) for key, value in self.sums.items()}
+
+
+class DistributedContext:
+    """Rank, world size and device of this process, plus gather/barrier that are no-ops alone."""
+
+    def __init__(self, rank, world_size, device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.is_main = rank == 0
+
+    def gather(self, tensors, with_grad=True):
+        """Concatenate each tensor over processes along dim 0 (rank order), keeping the gradient."""
+        if self.world_size == 1:
+            return tensors
+        if with_grad:
+            return [GatherWithGradient.apply(t) for t in tensors]
+        return [all_gather_cat(t) for t in tensors]
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward hands each process the gradient of its own slice, summed over the
+    processes (each computes the same global loss; DDP then averages, which undoes the sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rows = tensor.shape[0]
+        return all_gather_cat(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def all_gather_cat(tensor):
+    """Concatenation over processes along dim 0, in rank order (equal sizes on every rank)."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def setup_distributed(cfg):
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    wanted = cfg["run"]["device"]
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device={wanted!r}; use auto, cpu or cuda")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available; use run.device=auto or cpu")
+    use_cuda = torch.cuda.is_available() and wanted != "cpu"
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistributedContext(rank, world_size, device)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def epoch_line(summary, is_best):
+    val, train_terms = summary["val"], summary["train"]
+    terms = " ".join(f"{k} {v:.3f}" for k, v in train_terms.items())
+    return (f"epoch {summary['epoch']:3d} | {terms} | val R@1 i2t {val['i2t_r1']:.1f} t2i {val['t2i_r1']:.1f} "
+            f"rsum {val['rsum']:.1f}{' *' if is_best else ''} | {summary['time_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
