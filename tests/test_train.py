@@ -239,3 +239,12 @@ def test_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monke
         train.atomic_save({"a": 2}, str(path))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_resuming_with_another_model_config_names_the_difference(tmp_path, capsys):
+    write_precomputed(tmp_path / "precomp")
+    base = tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]
+    assert train.main(base) == 0
+    assert train.main(base + ["model.num_embeds=3", "--resume", "auto"]) == 2
+    message = capsys.readouterr().err
+    assert "model.num_embeds: 2 -> 3" in message and "another model config" in message
