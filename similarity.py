@@ -50,11 +50,11 @@ PERMUTATION_MAX_K_SCORE = 4
 PERMUTATION_MAX_K_ASSIGNMENT = 5
 
 # Memory bounds: score_matrix computes cosine chunks of at most CHUNK_BYTES; every reduction
-# works on slices whose temporaries stay near SCRATCH_BYTES (cache-sized: faster, and bounded
-# at any K and batch size).
+# works on slices whose temporaries stay near SCRATCH_BYTES: bounded at any K and batch size.
+# Measured on 2 shared cores: 1 MB slices are faster on an idle machine but up to 25x slower
+# when another process competes for a core (too many short parallel ops); 4 MB is robust.
 CHUNK_BYTES = 16 * 2**20
-SCRATCH_BYTES = 2**20
-DP_SCRATCH_BYTES = 4 * 2**20  # the subset DP's many row operations prefer larger slices (measured)
+SCRATCH_BYTES = 4 * 2**20
 
 
 def pairwise_similarity(images, captions, method="max_pair", **options):
@@ -184,11 +184,11 @@ def _blocks_to_batch_last(cos, assign_batch_last):
     _check_finite(cos, "cosine blocks")
     blocks = cos.detach().reshape(-1, k_v, k_t)  # (P, K_v, K_t)
     columns = torch.empty(blocks.shape[0], k_v, dtype=torch.long, device=cos.device)  # (P, K_v)
-    step = max(1, SCRATCH_BYTES // (k_v * k_t * cos.element_size()))  # cache-sized pieces
+    step = max(1, SCRATCH_BYTES // (4 * k_v * k_t * cos.element_size()))  # cache-sized pieces
     with torch.no_grad():
         for start in range(0, blocks.shape[0], step):
             piece = blocks[start:start + step].permute(1, 2, 0).unsqueeze(0)  # (1, K_v, K_t, p), a view
-            columns[start:start + step] = assign_batch_last(_as_float(piece))[0]
+            assign_batch_last(_as_float(piece), out=columns[start:start + step].unsqueeze(0))
     return columns.view(*cos.shape[:-2], k_v)
 
 
@@ -279,26 +279,27 @@ def _max_pair_value_batch_last(cos):
         return out
     tables = _subset_tables(k_v, k_t, cos.device)
     per_problem = _dp_bytes_per_problem(tables, cos)
-    for g, p in _problem_slices(groups, problems, per_problem, max(DP_SCRATCH_BYTES, 16 * per_problem)):
+    for g, p in _problem_slices(groups, problems, per_problem, max(SCRATCH_BYTES, 16 * per_problem)):
         best = _subset_dp(_problems_last(cos[g, :, :, p]), tables)[-1]  # (L, n)
         out[g, p] = best.amax(0).view(out[g, p].shape)
     return out
 
 
-def _max_pair_assignment_batch_last(cos):
-    """Exact assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)."""
+def _max_pair_assignment_batch_last(cos, out=None):
+    """Exact assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)
+    (written into out if given)."""
     groups, k_v, k_t, problems = cos.shape
-    columns = torch.empty(groups, problems, k_v, dtype=torch.long, device=cos.device)
+    columns = out if out is not None else cos.new_empty(groups, problems, k_v, dtype=torch.long)
     if _uses_permutations(k_v, k_t, assignment=True):
         maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
         map_columns = _injective_maps(k_v, k_t).to(cos.device)  # (M, K_v)
         for g, p in _problem_slices(groups, problems, maps.shape[0] * cos.element_size()):
             best_map = _first_argmax(_map_sums(maps, cos[g, :, :, p]), 1)[0]  # (g, p)
-            columns[g, p] = map_columns.index_select(0, best_map.flatten()).view(*best_map.shape, k_v)
+            torch.index_select(map_columns, 0, best_map.flatten(), out=columns[g, p].view(-1, k_v))
         return columns
     tables = _subset_tables(k_v, k_t, cos.device)
     per_problem = _dp_bytes_per_problem(tables, cos)
-    for g, p in _problem_slices(groups, problems, per_problem, max(DP_SCRATCH_BYTES, 16 * per_problem)):
+    for g, p in _problem_slices(groups, problems, per_problem, max(SCRATCH_BYTES, 16 * per_problem)):
         block = _problems_last(cos[g, :, :, p])  # (K_v, K_t, n)
         layers = _subset_dp(block, tables)
         position = _first_argmax(layers[-1], 0)[0]  # (n,): the best final column subset
@@ -384,10 +385,11 @@ def _subset_tables(k_v, k_t, device):
     return tuple(tables)
 
 
-def _greedy_assignment_batch_last(cos):
-    """Greedy assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)."""
+def _greedy_assignment_batch_last(cos, out=None):
+    """Greedy assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)
+    (written into out if given)."""
     groups, k_v, k_t, problems = cos.shape
-    columns = torch.empty(groups, problems, k_v, dtype=torch.long, device=cos.device)
+    columns = out if out is not None else cos.new_empty(groups, problems, k_v, dtype=torch.long)
     entry_row = torch.arange(k_v * k_t, device=cos.device) // k_t  # (K_v*K_t,) row of a flat entry
     entry_col = torch.arange(k_v * k_t, device=cos.device) % k_t
     for g, p in _problem_slices(groups, problems, 4 * k_v * k_t * cos.element_size()):

@@ -94,7 +94,7 @@ def test_max_pair_scores_equal_brute_force_mean(shape, kind, algorithm):
 @pytest.mark.parametrize("k", range(8, 17))
 def test_max_pair_equals_scipy_for_large_k(k, monkeypatch):
     scipy_optimize = pytest.importorskip("scipy.optimize")
-    monkeypatch.setattr(similarity, "DP_SCRATCH_BYTES", 2**18)  # K >= 10: several DP slices
+    monkeypatch.setattr(similarity, "SCRATCH_BYTES", 2**18)  # K >= 10: several DP slices
     blocks = make_blocks("random", 20 if k > 12 else 40, k, k, seed=k)
     columns = similarity.max_pair_assignment(blocks)
     for block, cols in zip(blocks, columns):
@@ -230,7 +230,6 @@ def test_score_matrix_equals_pairwise_similarity(method, chunk_size, monkeypatch
     # small chunks: captions in chunks of 11 (does not divide 29), reductions in many slices
     monkeypatch.setattr(similarity, "CHUNK_BYTES", 4 * 4 * 3 * min(chunk_size, 13) * 11)
     monkeypatch.setattr(similarity, "SCRATCH_BYTES", 2048)
-    monkeypatch.setattr(similarity, "DP_SCRATCH_BYTES", 2048)
     got_small = similarity.score_matrix(images, captions, method, chunk_size=chunk_size)
     assert not got_default.requires_grad
     torch.testing.assert_close(got_default, expected, rtol=0, atol=1e-6)
