@@ -114,8 +114,8 @@ def test_unshared_set_head_has_one_block_per_iteration():
     assert unshared.text_head.slots.shape == (K, D)
 
 
-def test_slots_change_each_other_through_iterations_not_independently_of_input():
-    """Two different captions must give different sets (the head reads its input)."""
+def test_different_captions_give_different_sets():
+    """The head reads its input: two different captions must not collapse to the same set."""
     torch.manual_seed(0)
     model = build_model(tiny_config("precomputed", "gru"), vocab=VOCAB).eval()
     with torch.no_grad():
