@@ -214,8 +214,13 @@ def join_flag_values(items):
 
 
 def move_to(batch, device):
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
+    """Tensors to the device (non-blocking from pinned memory). Caption lengths also stay on the host
+    as `host_lengths`: a GRU packs its input with lengths on the host, and copying them back would sync."""
+    moved = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+             for key, value in batch.items()}
+    if torch.is_tensor(batch.get("lengths")):
+        moved["host_lengths"] = batch["lengths"]
+    return moved
 
 
 def autocast(device, amp):

@@ -36,23 +36,26 @@ def triplet_loss(scores, positive_mask, margin=0.2, hardest=True):
     i2t: for each positive pair (i, p): [margin + max_{t not pos(i)} S(i,t) - S(i,p)]_+ ;
     t2i: for each positive pair (i, t): [margin + max_{j not pos(t)} S(j,t) - S(i,t)]_+ .
     Each direction is the mean over positive pairs; hardest=False replaces the max over
-    negatives by the sum over all negatives. Returns a scalar.
+    negatives by the sum over all negatives (it indexes the positive pairs: a host sync on GPU).
+    Returns a scalar (hardest: 0 for a batch without positive pairs).
     """
     positive_mask = positive_mask.bool()
-    positive_scores = scores[positive_mask]  # (num_pos,)
-    if hardest:
+    if hardest:   # masks instead of boolean indexing: no data-dependent shapes, no host-device sync
+        positive = positive_mask.to(scores.dtype)  # (B, N_cap)
+        num_positives = positive.sum().clamp(min=1)
         negatives = scores.masked_fill(positive_mask, float("-inf"))  # (B, N_cap)
-        hardest_caption = negatives.amax(1, keepdim=True).expand_as(scores)[positive_mask]  # (num_pos,)
-        hardest_image = negatives.amax(0, keepdim=True).expand_as(scores)[positive_mask]  # (num_pos,)
-        i2t = (margin + hardest_caption - positive_scores).clamp(min=0)
-        t2i = (margin + hardest_image - positive_scores).clamp(min=0)
-    else:
-        pair_rows, pair_cols = positive_mask.nonzero(as_tuple=True)  # (num_pos,)
-        negative = (~positive_mask).to(scores.dtype)  # (B, N_cap)
-        i2t_hinges = (margin + scores[pair_rows] - positive_scores[:, None]).clamp(min=0)  # (num_pos, N_cap)
-        t2i_hinges = (margin + scores[:, pair_cols].T - positive_scores[:, None]).clamp(min=0)  # (num_pos, B)
-        i2t = (i2t_hinges * negative[pair_rows]).sum(1)
-        t2i = (t2i_hinges * negative[:, pair_cols].T).sum(1)
+        hardest_caption = negatives.amax(1, keepdim=True)  # (B, 1)
+        hardest_image = negatives.amax(0, keepdim=True)  # (1, N_cap)
+        i2t = ((margin + hardest_caption - scores).clamp(min=0) * positive).sum() / num_positives
+        t2i = ((margin + hardest_image - scores).clamp(min=0) * positive).sum() / num_positives
+        return i2t + t2i
+    positive_scores = scores[positive_mask]  # (num_pos,)
+    pair_rows, pair_cols = positive_mask.nonzero(as_tuple=True)  # (num_pos,)
+    negative = (~positive_mask).to(scores.dtype)  # (B, N_cap)
+    i2t_hinges = (margin + scores[pair_rows] - positive_scores[:, None]).clamp(min=0)  # (num_pos, N_cap)
+    t2i_hinges = (margin + scores[:, pair_cols].T - positive_scores[:, None]).clamp(min=0)  # (num_pos, B)
+    i2t = (i2t_hinges * negative[pair_rows]).sum(1)
+    t2i = (t2i_hinges * negative[:, pair_cols].T).sum(1)
     return i2t.mean() + t2i.mean()
 
 
@@ -68,8 +71,8 @@ def contrastive_loss(scores, positive_mask, temperature=0.05):
     logits = scores / temperature
     i2t = -(logits.log_softmax(1) * positive).sum(1) / positive.sum(1).clamp(min=1)  # (B,)
     t2i = -(logits.log_softmax(0) * positive).sum(0) / positive.sum(0).clamp(min=1)  # (N_cap,)
-    has_i, has_t = positive.sum(1) > 0, positive.sum(0) > 0
-    return 0.5 * (i2t[has_i].mean() + t2i[has_t].mean())
+    has_i, has_t = (positive.sum(1) > 0).to(scores.dtype), (positive.sum(0) > 0).to(scores.dtype)
+    return 0.5 * ((i2t * has_i).sum() / has_i.sum().clamp(min=1) + (t2i * has_t).sum() / has_t.sum().clamp(min=1))
 
 
 def mmd_loss(image_elements, caption_elements, kernel="laplacian", gamma=0.5):
@@ -132,8 +135,9 @@ def intra_set_divergence_loss(sets, scale=10.0, delta=0.3):
         return sets.sum() * 0
     unit = F.normalize(sets, dim=-1)
     cos = unit @ unit.transpose(1, 2)  # (N, K, K)
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=sets.device)
-    return torch.exp(scale * (cos[:, off_diagonal] - delta)).mean()
+    diagonal = torch.eye(k, dtype=torch.bool, device=sets.device)
+    # masked_fill, not cos[:, ~diagonal]: boolean indexing would make the GPU wait for the host
+    return torch.exp(scale * (cos - delta)).masked_fill(diagonal, 0).sum() / (len(sets) * k * (k - 1))
 
 
 def maxmatch_loss(config, scores, positive_mask, image_sets, caption_sets, image_residuals,

@@ -68,7 +68,8 @@ class MaxMatchModel(nn.Module):
         return self.image_head(local, mask, global_feature)
 
     def encode_captions(self, batch):
-        local, mask, global_feature = self.text_encoder(batch["tokens"], batch["lengths"])
+        local, mask, global_feature = self.text_encoder(batch["tokens"], batch["lengths"],
+                                                        host_lengths=batch.get("host_lengths"))
         return self.text_head(local, mask, global_feature)
 
     def forward(self, batch):
@@ -371,10 +372,12 @@ class GRUTextEncoder(nn.Module):
         self.projection = Projection(word_dim, embed_dim, dropout)
         set_finetune(self.backbone, text_cfg.get("finetune", True))
 
-    def forward(self, tokens, lengths):
-        # tokens (B, L) long, lengths (B,) long
+    def forward(self, tokens, lengths, host_lengths=None):
+        # tokens (B, L) long, lengths (B,) long; host_lengths: the same on the CPU (saves a GPU sync)
         words = self.backbone["embedding"](tokens)                                # (B, L, W)
-        packed = nn.utils.rnn.pack_padded_sequence(words, lengths.cpu(), batch_first=True,
+        if host_lengths is None or host_lengths.device.type != "cpu":
+            host_lengths = lengths.cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(words, host_lengths, batch_first=True,
                                                    enforce_sorted=False)
         _, final = self.backbone["gru"](packed)                                   # (2, B, D)
         mask = lengths_to_mask(lengths, tokens.shape[1])
@@ -418,9 +421,12 @@ class BertTextEncoder(nn.Module):
             raise ModelError(f"model.text.global_pool={self.global_pool!r}; use cls or max")
         set_finetune(self.backbone, text_cfg.get("finetune", True))
 
-    def forward(self, tokens, lengths):
+    def forward(self, tokens, lengths, host_lengths=None):
         mask = lengths_to_mask(lengths, tokens.shape[1])
-        hidden = self.backbone(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        # BERT given a (B, L) mask asks the GPU whether it is all ones (a host sync each call);
+        # the same mask as (B, 1, L) skips that check and gives the same result.
+        attention_mask = mask[:, None, :] if self.backbone.config.model_type == "bert" else mask
+        hidden = self.backbone(input_ids=tokens, attention_mask=attention_mask.long()).last_hidden_state
         local = self.projection(hidden)                                           # (B, L, D)
         global_feature = local[:, 0] if self.global_pool == "cls" else masked_max_pool(local, mask)
         return local, mask, global_feature

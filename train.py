@@ -209,8 +209,11 @@ def train(cfg, resume=None):
     seed_everything(cfg["run"]["seed"] + context.rank, restore=checkpoint and checkpoint.get("rng"))
     trainer = model
     if context.world_size > 1:
-        device_ids = [context.device.index] if context.device.type == "cuda" else None
-        trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # device_ids=None: move_to already put the batch on this process's device, and DDP must not
+        # move its host copy of the caption lengths (the GRU packs with them on the CPU).
+        trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=None)
+    if cfg["train"]["compile"]:     # caption lengths vary per batch: compile for dynamic shapes once
+        trainer = torch.compile(trainer, dynamic=True)
 
     if context.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -233,20 +236,18 @@ def train(cfg, resume=None):
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['train']['epochs']}", leave=False,
                    disable=not context.is_main or None, initial=state["step"], total=steps_per_epoch)
         for batch in bar:
-            loss, terms = training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler)
+            _, terms = training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler)
             state["step"] += 1
             state["global_step"] += 1
             steps_this_invocation += 1
-            if not torch.isfinite(loss):
-                values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                raise TrainingError(f"non-finite loss at epoch {epoch + 1} step {state['step']} "
-                                    f"(global step {state['global_step']}): {values}. The last good "
-                                    f"checkpoint in {run_dir} is kept; lower train.lr or check the data")
-            running.add(terms)
+            running.add(terms)     # on the device; checked for NaN/inf only where the host reads it anyway
+            if state["global_step"] % cfg["train"]["log_every"] == 0:
+                raise_if_diverged(running, epoch, state, run_dir)     # every rank, so none waits alone
             if log and state["global_step"] % cfg["train"]["log_every"] == 0:
                 log.write({"epoch": epoch, "step": state["step"], "global_step": state["global_step"],
                            "lr": scheduler.get_last_lr()[0], **running.means()})
             if stop.requested or (stop_after and steps_this_invocation >= stop_after):
+                raise_if_diverged(running, epoch, state, run_dir)
                 save("last.pt", state)
                 if stop.requested:
                     if context.is_main:
@@ -254,6 +255,7 @@ def train(cfg, resume=None):
                               f"{run_dir}/last.pt (continue with --resume auto)", flush=True)
                     raise Interrupted(128 + stop.signal_number)
                 return run_dir
+        raise_if_diverged(running, epoch, state, run_dir)
         state["epoch"], state["step"] = epoch + 1, 0
         summary = {"epoch": epoch + 1, "train": running.means(), "time_s": round(time.time() - started, 1)}
         if context.is_main:
@@ -286,11 +288,8 @@ def training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler):
     caption = context.gather([t.float() for t in caption])                   # (B*C, ...)
     image_ids, caption_image_ids = context.gather([batch["image_ids"], batch["caption_image_ids"]],
                                                   with_grad=False)
-    try:
-        scores = pairwise_similarity(image[0], caption[0], method=cfg["loss"]["similarity"],
-                                     **cfg["loss"]["similarity_options"])    # (B, B*C)
-    except ValueError as error:     # non-finite set embeddings: the model diverged
-        raise TrainingError(f"{error}. The last good checkpoint is kept; lower train.lr") from None
+    scores = pairwise_similarity(image[0], caption[0], method=cfg["loss"]["similarity"], check_finite=False,
+                                 **cfg["loss"]["similarity_options"])        # (B, B*C); the loop checks the loss
     positives = image_ids[:, None] == caption_image_ids[None, :]
     loss, terms = maxmatch_loss(cfg["loss"], scores, positives, image[0], caption[0], image[1], caption[1],
                                 image[2], caption[2])
@@ -298,11 +297,32 @@ def training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler):
     scaler.scale(loss).backward()
     if cfg["train"]["grad_clip"]:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg["train"]["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.parameters(), cfg["train"]["grad_clip"])
+        # Logged, and checked with the loss: an inf gradient would make the weights NaN. The fp16
+        # scaler skips steps with inf gradients by itself, so its norm is not checked.
+        if not scaler.is_enabled():
+            terms["grad_norm"] = grad_norm.detach()
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
     return loss.detach(), {"loss": loss.detach(), **terms}
+
+
+def raise_if_diverged(running, epoch, state, run_dir):
+    """Stop if a step summed into `running` had a NaN/inf loss or gradient norm (NaN and inf stay in
+    the sums).
+
+    Called at log lines, before saving and at the end of each epoch, not every step: reading the
+    loss on the host every step would make the GPU wait. Nothing is saved after a bad step.
+    """
+    checked = [running.sums[key] for key in ("loss", "grad_norm") if key in running.sums]
+    if not checked or torch.isfinite(torch.stack(checked)).all():
+        return
+    values = ", ".join(f"{key}={value:.4g}" for key, value in running.means().items())
+    raise TrainingError(f"non-finite loss or gradient in epoch {epoch + 1} between steps "
+                        f"{state['step'] - running.count + 1} and {state['step']} (global step {state['global_step']}); "
+                        f"means over those steps: {values}. The last good checkpoint in {run_dir} is kept; "
+                        "lower train.lr or check the data")
 
 
 def final_test(cfg, run_dir, device):

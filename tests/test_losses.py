@@ -225,3 +225,18 @@ def test_maxmatch_loss_accepts_the_shipped_config():
 def test_maxmatch_loss_rejects_unknown_keys_and_values(config, message):
     with pytest.raises(ValueError, match=message):
         losses.maxmatch_loss(config, **random_batch())
+
+
+@pytest.mark.parametrize("div_type, kernel", [("uniformity", "laplacian"), ("pvse", "gaussian")])
+def test_training_loss_reads_no_value_on_the_host(div_type, kernel):
+    """On the meta device any .item(), bool() or boolean index raises: passing here means the loss
+    never makes a GPU wait for the host (the hardest-negative triplet is the training default)."""
+    config = {"triplet": {"weight": 1.0, "hardest": True}, "con": {"weight": 1.0},
+              "mmd": {"weight": 1.0, "kernel": kernel}, "div": {"weight": 1.0, "type": div_type},
+              "gd": {"weight": 1.0}, "isd": {"weight": 1.0}}
+    batch = {key: value.detach().to("meta") for key, value in random_batch().items()}
+    batch["image_sets"].requires_grad_(True)
+    total, terms = losses.maxmatch_loss(config, **batch)
+    total.backward()
+    assert set(terms) == {"triplet", "con", "mmd", "div", "gd", "isd"}
+    assert batch["image_sets"].grad.shape == batch["image_sets"].shape

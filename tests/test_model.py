@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from evaluate import move_to
 from model import ModelError, build_model, load_word_vectors
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"] + [f"w{i}" for i in range(27)]
@@ -177,3 +178,14 @@ def test_missing_bert_folder_is_named(tmp_path):
     cfg["model"]["text"] = {"type": "bert", "bert": str(tmp_path / "missing_folder")}
     with pytest.raises(ModelError, match="missing_folder"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("image", sorted(IMAGE_CONFIGS))
+@pytest.mark.parametrize("text", sorted(TEXT_CONFIGS))
+def test_training_forward_and_backward_read_no_value_on_the_host(image, text):
+    """On the meta device any .item(), .cpu() or boolean index raises: the encoders never make a GPU
+    wait (the GRU packs with the host copy of the lengths that move_to keeps)."""
+    model = build_model(tiny_config(image, text), VOCAB).to("meta").train()
+    image_set, caption_set = model(move_to(tiny_batch(), "meta"))
+    (image_set.sets.sum() + caption_set.sets.sum()).backward()
+    assert image_set.sets.shape == (2, K, D) and caption_set.sets.shape == (2, K, D)

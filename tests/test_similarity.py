@@ -246,6 +246,18 @@ def test_unequal_set_sizes_match_min_pairs_in_either_orientation():
     torch.testing.assert_close(tall, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [4, 7])
+@pytest.mark.parametrize("method", similarity.METHODS)
+def test_training_similarity_reads_no_value_on_the_host_without_finiteness_checks(method, k):
+    """Meta tensors raise on any host read (.item(), bool(), boolean index): with check_finite=False
+    every method, with its gradient, runs without making a GPU wait."""
+    images = torch.randn(3, k, 8, device="meta", requires_grad=True)
+    captions = torch.randn(6, k, 8, device="meta")
+    scores = similarity.pairwise_similarity(images, captions, method=method, check_finite=False)
+    scores.sum().backward()
+    assert scores.shape == (3, 6) and images.grad.shape == images.shape
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_inputs_raise(bad):
     images = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)

@@ -127,15 +127,16 @@ def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(t
     assert greedy.returncode == 0 and "similarity: greedy" in greedy.stdout
 
 
-def test_resuming_mid_epoch_gives_the_same_weights_as_training_straight(tmp_path):
+@pytest.mark.parametrize("stop_after, saved_at", [(5, (1, 1)), (4, (0, 4))], ids=["mid_epoch", "epoch_end"])
+def test_resuming_gives_the_same_weights_as_training_straight(tmp_path, stop_after, saved_at):
     base = tiny_overrides(tmp_path, dataset="precomputed") + ["run.deterministic=true", "data.region_drop=0.3"]
     write_precomputed(tmp_path / "precomp")
     straight = train.main(base + ["run.name=straight"])
     assert straight == 0
-    first = train.main(base + ["run.name=resumed", "train.stop_after_steps=5"])   # 4 steps/epoch: stops in epoch 2
+    first = train.main(base + ["run.name=resumed", f"train.stop_after_steps={stop_after}"])   # 4 steps/epoch
     assert first == 0
     state = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))["state"]
-    assert (state["epoch"], state["step"]) == (1, 1)
+    assert (state["epoch"], state["step"]) == saved_at       # (epochs done, steps into the next one)
     second = train.main(base + ["run.name=resumed", "--resume", "auto"])
     assert second == 0
     assert_same_weights(weights(tmp_path / "runs" / "straight" / "last.pt"),
@@ -156,6 +157,20 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
     assert double.returncode == 0, double.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "runs" / "single" / "last.pt"),
                         weights(tmp_path / "runs" / "double" / "last.pt"), atol=1e-4)
+
+
+def test_compiled_training_reaches_the_weights_of_eager_training(tmp_path, monkeypatch):
+    """train.compile=true changes speed, not results (dropout off: compiled kernels draw their own masks)."""
+    write_precomputed(tmp_path / "precomp")
+    base = tiny_overrides(tmp_path, dataset="precomputed") + [
+        "model.dropout=0.0", "train.epochs=1", "train.stop_after_steps=3", "train.optimizer=sgd", "train.lr=0.1"]
+    assert train.main(base + ["run.name=eager"]) == 0
+    compiled_modules, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled_modules.append(module) or real_compile(module, **kw))
+    assert train.main(base + ["run.name=compiled", "train.compile=true"]) == 0
+    assert len(compiled_modules) == 1
+    assert_same_weights(weights(tmp_path / "runs" / "eager" / "last.pt"),
+                        weights(tmp_path / "runs" / "compiled" / "last.pt"), atol=1e-4)
 
 
 def test_sigterm_saves_a_usable_last_checkpoint_and_exits_cleanly(tmp_path):
@@ -190,8 +205,17 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
                               "--resume", "auto"])
     assert code == 2
     message = capsys.readouterr().err
-    assert "non-finite loss at epoch 2 step 1" in message and "triplet=nan" in message
+    assert "non-finite loss or gradient in epoch 2 between steps 1 and" in message and "triplet=nan" in message
     assert last.read_bytes() == before
+
+
+def test_non_finite_loss_is_caught_before_a_stop_saves_a_checkpoint(tmp_path, capsys):
+    write_precomputed(tmp_path / "precomp")
+    base = tiny_overrides(tmp_path, dataset="precomputed") + ["train.log_every=1000", "train.stop_after_steps=2",
+                                                              "loss.triplet={weight: 1.0, margin: .nan}"]
+    assert train.main(base) == 2
+    assert "non-finite loss or gradient in epoch 1 between steps 1 and 2" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "run" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("args, message", [

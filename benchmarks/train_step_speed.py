@@ -1,0 +1,131 @@
+"""Training-step throughput of a config on synthetic inputs of its shapes: eager vs torch.compile.
+
+    python benchmarks/train_step_speed.py                                   # config.yaml on the CPU
+    python benchmarks/train_step_speed.py --config configs/coco_vit_bert.yaml --device cuda --steps 200
+
+Each step is train.py's `training_step` (forward, similarity, every loss term, backward, optimizer
+step) on one process, with random weights (pretrained names in a preset are replaced by random
+models of the same size, so nothing is loaded) and the config's AMP setting on CUDA. A mode first
+runs --warmup steps (compilation happens there), then --steps timed steps synchronised only at the
+ends, as a training loop runs. Prints one row per mode: warm-up seconds, ms/step, images/s, the
+ratio to eager, and the peak GPU memory.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import build_model  # noqa: E402
+from train import DistributedContext, build_optimizer, load_config, training_step  # noqa: E402
+
+BERT_BASE = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072}
+GRU_VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"] + [f"w{i}" for i in range(9995)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="preset YAML merged over config.yaml")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: train.batch_size)")
+    parser.add_argument("--caption-length", type=int, default=16, help="tokens of the longest caption")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.num_embeds=8")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = random_weights(load_config(args.config, args.overrides))
+    device = torch.device(args.device)
+    batch_size = args.batch_size or cfg["train"]["batch_size"]
+    batch = synthetic_batch(cfg, batch_size, args.caption_length, device)
+    amp = cfg["train"]["amp"] if device.type == "cuda" else "off"
+    print(f"{args.config or 'config.yaml'} on {device} ({torch.get_num_threads()} threads), {batch_size} images + "
+          f"{batch['tokens'].shape[0]} captions per step, similarity {cfg['loss']['similarity']}, amp {amp}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps")
+    print("| mode | warm-up s | ms/step | images/s | vs eager | peak GPU GiB |")
+    print("|---|---|---|---|---|---|")
+    eager_ms = None
+    for mode in args.modes:
+        seconds, warmup_s, peak = time_steps(cfg, batch, device, mode == "compiled", args.steps, args.warmup)
+        ms = 1000 * seconds / args.steps
+        eager_ms = ms if mode == "eager" else eager_ms
+        ratio = f"{ms / eager_ms:.2f}x" if eager_ms else "-"
+        memory = f"{peak / 2**30:.1f}" if peak is not None else "-"
+        rate = batch_size * 1000 / ms
+        rate = f"{rate:.1f}" if rate >= 1 else f"{rate:.3f}"
+        print(f"| {mode} | {warmup_s:.1f} | {ms:.1f} | {rate} | {ratio} | {memory} |", flush=True)
+
+
+def random_weights(cfg):
+    """The config with every pretrained piece replaced by a random model of the same shape."""
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["image"]["weights"] = None
+    text = cfg["model"]["text"]
+    if text["type"] == "bert" and not text.get("bert_config"):
+        text.update(bert=None, tokenizer=None, bert_config=BERT_BASE)
+    text["word_vectors"] = None
+    return cfg
+
+
+def synthetic_batch(cfg, batch_size, caption_length, device):
+    """A collated training batch of the config's shapes: C captions per image, lengths varying."""
+    generator = torch.Generator().manual_seed(0)
+    captions = batch_size * cfg["data"]["captions_per_image"]
+    text = cfg["model"]["text"]
+    vocab_size = text["bert_config"]["vocab_size"] if text["type"] == "bert" else len(GRU_VOCAB)
+    lengths = torch.randint(caption_length // 2, caption_length + 1, (captions,), generator=generator)
+    lengths[0] = caption_length
+    tokens = torch.randint(5, vocab_size, (captions, caption_length), generator=generator)
+    tokens[torch.arange(caption_length)[None, :] >= lengths[:, None]] = 0
+    size = cfg["data"]["image_size"]
+    batch = {"images": torch.randn(batch_size, 3, size, size, generator=generator),
+             "tokens": tokens, "lengths": lengths, "image_ids": torch.arange(batch_size),
+             "caption_image_ids": torch.arange(batch_size).repeat_interleave(cfg["data"]["captions_per_image"])}
+    if cfg["model"]["image"]["type"] == "precomputed":
+        batch["regions"] = torch.randn(batch_size, 36, cfg["model"]["image"]["feature_dim"], generator=generator)
+        batch["region_lengths"] = torch.full((batch_size,), 36)
+    if device.type == "cuda":
+        batch = {key: value.pin_memory() for key, value in batch.items()}
+    return batch
+
+
+def time_steps(cfg, batch, device, compiled, steps, warmup):
+    """Seconds for `steps` training steps after `warmup` steps, the warm-up seconds, peak GPU bytes."""
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab=GRU_VOCAB if cfg["model"]["text"]["type"] == "gru" else None).to(device).train()
+    trainer = torch.compile(model, dynamic=True) if compiled else model
+    optimizer = build_optimizer(model, cfg["train"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg["train"]["amp"] == "fp16")
+    context = DistributedContext(0, 1, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize(device)
+            warmup_s = time.perf_counter() - started
+            started = time.perf_counter()
+        loss, _ = training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss after {warmup + steps} steps")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, warmup_s if warmup else 0.0, peak
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
