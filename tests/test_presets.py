@@ -59,6 +59,16 @@ def test_every_paper_row_has_a_preset():
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if "shapes" not in os.path.basename(p)],
+                         ids=os.path.basename)
+def test_paper_presets_keep_the_spec_loss_weights_not_the_ones_tuned_on_shapes(preset):
+    loss = train.load_config(preset)["loss"]
+    assert loss["con"]["weight"] == 0
+    assert loss["gd"] == {"weight": 0.01, "scale": 10.0, "delta": 0.5}
+    assert loss["isd"] == {"weight": 0.01, "scale": 10.0, "delta": 0.3}
+    assert loss["mmd"]["weight"] == loss["div"]["weight"] == 0.01
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if "shapes" not in os.path.basename(p)],
                          ids=lambda p: os.path.basename(p))
 def test_preset_builds_and_trains_one_step_on_fake_data_of_the_right_shapes(preset, tmp_path):
     cfg = train.load_config(preset)
