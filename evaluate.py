@@ -17,6 +17,7 @@ import torch
 from similarity import score_matrix
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+COCO_TEST_IMAGES, COCO_FOLD_IMAGES = 5000, 1000   # MS-COCO 5K test (val) split and its 1K folds
 
 
 class CheckpointError(Exception):
@@ -113,9 +114,10 @@ def encode_split(model, loader, device, amp=None):
 
 
 def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False):
-    """Encode the loader's split, score it, and return {protocol: metrics} plus 'collapse'.
+    """Encode the loader's split, score it, and return {protocol: metrics} plus 'collapse', 'method'.
 
-    The protocol is 'test' for every dataset, and for 5,000 MS-COCO images also '1k' (5 folds).
+    'all' ranks within the whole split (for 5,000 MS-COCO images: the 5K protocol); 5,000
+    MS-COCO images also give '1k', the mean over five folds of 1,000.
     """
     method = method or cfg["eval"]["method"] or cfg["loss"]["similarity"]
     if options is None:
@@ -128,8 +130,8 @@ def evaluate_model(model, cfg, loader, device, method=None, options=None, progre
     scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
                           progress=progress, **(options or {}))
     results = {"all": retrieval_metrics(scores, caption_to_image)}
-    if cfg["data"]["dataset"] in ("coco", "precomputed") and image_sets.shape[0] == 5000:
-        results = {"1k": five_fold_metrics(scores, caption_to_image), "5k": results["all"]}
+    if cfg["data"]["dataset"] in ("coco", "precomputed") and image_sets.shape[0] == COCO_TEST_IMAGES:
+        results["1k"] = five_fold_metrics(scores, caption_to_image, fold_size=COCO_FOLD_IMAGES)
     results["collapse"] = {
         "image": collapse_diagnostics(image_sets, image_globals),
         "caption": collapse_diagnostics(caption_sets, caption_globals),

@@ -331,9 +331,8 @@ def final_test(cfg, run_dir, device):
     model, loader, device = build_eval_context(cfg, checkpoint, cfg["data"]["test_split"], device)
     results = evaluate_model(model, cfg, loader, device)
     print(format_results(results, title=f"test split, best checkpoint (epoch {checkpoint['epoch']})"), flush=True)
-    main_protocol = results.get("5k", results.get("all"))
-    with open(os.path.join(run_dir, "test_metrics.json"), "w") as handle:
-        json.dump({**main_protocol, **{k: v for k, v in results.items() if k not in ("all", "5k")}}, handle, indent=2)
+    with open(os.path.join(run_dir, "test_metrics.json"), "w") as handle:    # 'all' flat, '1k' etc. as keys
+        json.dump({**results["all"], **{k: v for k, v in results.items() if k != "all"}}, handle, indent=2)
     return results
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import evaluate
 from evaluate import collapse_diagnostics, five_fold_metrics, join_flag_values, retrieval_metrics
 
 
@@ -98,3 +99,23 @@ def test_collapse_diagnostics_separate_collapsed_from_spread_sets():
 
 def test_flag_style_overrides_become_dotted_overrides():
     assert join_flag_values(["data.root", "/x", "eval.chunk_size=64"]) == ["data.root=/x", "eval.chunk_size=64"]
+
+
+@pytest.mark.parametrize("dataset, protocols", [("coco", {"all", "1k"}), ("f30k", {"all"})])
+def test_a_coco_sized_split_adds_the_five_fold_protocol_and_keeps_all(monkeypatch, dataset, protocols):
+    """Training validates on results['all'] whatever the split, COCO's 5,000-image val split included."""
+    monkeypatch.setattr(evaluate, "COCO_TEST_IMAGES", 10)     # 10 images in 5 folds of 2 stand in for 5K / 1K
+    monkeypatch.setattr(evaluate, "COCO_FOLD_IMAGES", 2)
+    generator = torch.Generator().manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=generator), dim=-1)  # noqa: E731
+    encoded = (unit(10, 2, 8), unit(10, 8), unit(50, 2, 8), unit(50, 8), torch.arange(10).repeat_interleave(5))
+    monkeypatch.setattr(evaluate, "encode_split", lambda *args: encoded)
+    cfg = {"eval": {"method": None, "similarity_options": None, "chunk_size": 4},
+           "loss": {"similarity": "max_pair", "similarity_options": {}},
+           "train": {"amp": "off"}, "data": {"dataset": dataset}}
+    results = evaluate.evaluate_model(None, cfg, None, "cpu")
+    assert set(results) == protocols | {"collapse", "method"}
+    scores = evaluate.score_matrix(encoded[0], encoded[2], method="max_pair")
+    assert results["all"] == retrieval_metrics(scores, encoded[4])
+    if "1k" in protocols:
+        assert results["1k"] == five_fold_metrics(scores, encoded[4], fold_size=2)
