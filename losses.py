@@ -56,7 +56,7 @@ def triplet_loss(scores, positive_mask, margin=0.2, hardest=True):
     t2i_hinges = (margin + scores[:, pair_cols].T - positive_scores[:, None]).clamp(min=0)  # (num_pos, B)
     i2t = (i2t_hinges * negative[pair_rows]).sum(1)
     t2i = (t2i_hinges * negative[:, pair_cols].T).sum(1)
-    return i2t.mean() + t2i.mean()
+    return (i2t.sum() + t2i.sum()) / max(len(pair_rows), 1)    # 0 without positive pairs, as hardest
 
 
 def contrastive_loss(scores, positive_mask, temperature=0.05):

@@ -375,7 +375,7 @@ class GRUTextEncoder(nn.Module):
     def forward(self, tokens, lengths, host_lengths=None):
         # tokens (B, L) long, lengths (B,) long; host_lengths: the same on the CPU (saves a GPU sync)
         words = self.backbone["embedding"](tokens)                                # (B, L, W)
-        if host_lengths is None or host_lengths.device.type != "cpu":
+        if host_lengths is None:
             host_lengths = lengths.cpu()
         packed = nn.utils.rnn.pack_padded_sequence(words, host_lengths, batch_first=True,
                                                    enforce_sorted=False)

@@ -236,16 +236,16 @@ def train(cfg, resume=None):
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['train']['epochs']}", leave=False,
                    disable=not context.is_main or None, initial=state["step"], total=steps_per_epoch)
         for batch in bar:
-            _, terms = training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler)
+            terms = training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler)
             state["step"] += 1
             state["global_step"] += 1
             steps_this_invocation += 1
             running.add(terms)     # on the device; checked for NaN/inf only where the host reads it anyway
             if state["global_step"] % cfg["train"]["log_every"] == 0:
                 raise_if_diverged(running, epoch, state, run_dir)     # every rank, so none waits alone
-            if log and state["global_step"] % cfg["train"]["log_every"] == 0:
-                log.write({"epoch": epoch, "step": state["step"], "global_step": state["global_step"],
-                           "lr": scheduler.get_last_lr()[0], **running.means()})
+                if log:
+                    log.write({"epoch": epoch, "step": state["step"], "global_step": state["global_step"],
+                               "lr": scheduler.get_last_lr()[0], **running.means()})
             if stop.requested or (stop_after and steps_this_invocation >= stop_after):
                 raise_if_diverged(running, epoch, state, run_dir)
                 save("last.pt", state)
@@ -280,7 +280,7 @@ def train(cfg, resume=None):
 
 
 def training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler):
-    """One optimizer step on the global batch; returns the loss and the detached terms."""
+    """One optimizer step on the global batch; returns the detached loss terms, total as 'loss'."""
     batch = move_to(batch, context.device)
     with autocast(context.device, cfg["train"]["amp"]):
         image, caption = trainer(batch)
@@ -305,7 +305,7 @@ def training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler):
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    return loss.detach(), {"loss": loss.detach(), **terms}
+    return {"loss": loss.detach(), **terms}
 
 
 def raise_if_diverged(running, epoch, state, run_dir):

@@ -28,6 +28,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from data import prepare_data  # noqa: E402
+from train import DEFAULT_CONFIG, load_config, merge_config, read_yaml  # noqa: E402
 
 # Which of the four set regularisers a configuration keeps; the kept ones use config.yaml's weights.
 REGULARISERS = {
@@ -127,8 +130,11 @@ def main(argv=None):
 
     split = "val" if grid == "tune" else "test"      # tuning never looks at the test split
     table = markdown_table(summarise(configurations, results, split), split)
+    reused = sum(1 for r in results if r.get("reused"))
+    run_minutes = sum(r.get("seconds", 0.0) for r in results) / 60
     header = (f"Grid `{grid}`, {len(seeds)} seed(s) {seeds}, budget `{' '.join(b for b in budget if 'data.root' not in b)}`, "
-              f"{args.jobs} run(s) at a time x {threads} thread(s); total {(time.time() - started) / 60:.1f} min.\n\n")
+              f"{args.jobs} run(s) at a time x {threads} thread(s); this invocation {(time.time() - started) / 60:.1f} "
+              f"min, {reused} of {len(results)} runs reused; the runs' own times sum to {run_minutes:.1f} min.\n\n")
     table_path = args.table or os.path.join(out, "table.md")
     os.makedirs(os.path.dirname(os.path.abspath(table_path)), exist_ok=True)
     with open(table_path, "w") as handle:
@@ -188,8 +194,6 @@ def trained_with(run_dir, overrides):
 
     The run's saved config is merged over today's defaults first (as evaluate.py does), so a key
     added since then counts with its default; the thread count may differ."""
-    sys.path.insert(0, REPO)
-    from train import DEFAULT_CONFIG, load_config, merge_config, read_yaml
     try:
         saved = merge_config(read_yaml(DEFAULT_CONFIG), read_yaml(os.path.join(run_dir, "config.yaml")),
                              source=run_dir)
@@ -274,9 +278,6 @@ def overrides_value(overrides, key):
 
 def prepare_dataset(overrides):
     """Generate the runs' shapes dataset if it is missing (data.py reads the same overrides)."""
-    sys.path.insert(0, REPO)
-    from data import prepare_data
-    from train import load_config
     prepare_data(load_config(None, [o for o in overrides if o.startswith("data.")])["data"])
 
 

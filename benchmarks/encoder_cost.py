@@ -18,10 +18,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import SPECIAL_WORDS  # noqa: E402
 from train import load_config  # noqa: E402
 from model import build_model  # noqa: E402
 
-VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"] + [f"w{i}" for i in range(995)]
+VOCAB = SPECIAL_WORDS + [f"w{i}" for i in range(995)]          # a GRU vocabulary of 1,000 words
 BERT_BASE = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
              "intermediate_size": 3072}
 MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
@@ -65,7 +66,8 @@ def main():
         report(name, cfg, batch, "encode_images", args)
     for name, text_cfg, dim in TEXT_ROWS:
         cfg = configure(base, dim, text=text_cfg)
-        vocab_size = len(VOCAB) if cfg["model"]["text"]["type"] == "gru" else 30522
+        text = cfg["model"]["text"]
+        vocab_size = len(VOCAB) if text["type"] == "gru" else text["bert_config"]["vocab_size"]
         tokens = torch.randint(5, vocab_size, (args.captions, args.caption_length))
         batch = {"tokens": tokens, "lengths": torch.full((args.captions,), args.caption_length)}
         report(name, cfg, batch, "encode_captions", args)

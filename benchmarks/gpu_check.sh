@@ -2,7 +2,7 @@
 # The GPU check, one prepared script for a machine with one CUDA device (nothing is downloaded):
 #   1. training steps of the ViT-B/16 + BERT-base preset (configs/coco_vit_bert.yaml) on synthetic
 #      inputs of its shapes with its AMP setting, eager and torch.compile: images/s and peak memory
-#      for the preset's global batch (200 images x 5 captions) on this one GPU;
+#      for one GPU's share of the preset's global batch under 8 GPUs (BATCH=25 images x 5 captions);
 #   2. the same, eager only, for the ResNet-152 + BiGRU preset;
 #   3. the similarity benchmark on CUDA (COCO-5K-scale scoring and the training step).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]     (STEPS=100 by default; PART_TIMEOUT=240 seconds
@@ -11,12 +11,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/gpu_check}"
 steps="${STEPS:-100}"
+batch="${BATCH:-25}"
 limit="${PART_TIMEOUT:-240}"
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 timeout "$limit" python benchmarks/train_step_speed.py --config configs/coco_vit_bert.yaml --device cuda \
-    --steps "$steps" --warmup 10 | tee "$out/train_step_vit_bert.md"
+    --batch-size "$batch" --steps "$steps" --warmup 10 | tee "$out/train_step_vit_bert.md"
 timeout "$limit" python benchmarks/train_step_speed.py --config configs/coco_resnet152_bigru.yaml --device cuda \
-    --steps "$steps" --warmup 10 --modes eager | tee "$out/train_step_resnet152_bigru.md"
+    --batch-size "$batch" --steps "$steps" --warmup 10 --modes eager | tee "$out/train_step_resnet152_bigru.md"
 timeout "$limit" python benchmarks/similarity_bench.py --device cuda --parts 23 | tee "$out/similarity_cuda.md"

@@ -200,7 +200,7 @@ def test_maxmatch_loss_skips_zero_weight_terms(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a zero-weight term was computed")
 
-    for name in ("contrastive_loss", "mmd_loss", "uniformity_loss", "pvse_diversity_loss"):
+    for name in ("contrastive_loss", "mmd_loss", "uniformity_loss", "pvse_diversity_loss", "intra_set_divergence_loss"):
         monkeypatch.setattr(losses, name, must_not_run)
     config = {"triplet": {"weight": 1.0}, "con": {"weight": 0.0}, "mmd": {"weight": 0},
               "div": {"weight": 0.0}, "gd": {"weight": 0.01}}  # isd missing: weight 0
