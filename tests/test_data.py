@@ -512,3 +512,11 @@ def test_check_cli_exit_codes(karpathy_root, tmp_path):
     assert "data OK: 2 train / 1 val / 2 test images" in ok.stdout
     bad = _run_check("--check", str(config), f"data.root={tmp_path / 'nowhere'}")
     assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+def test_every_shapes_generator_parameter_can_be_set_from_the_command_line():
+    import train
+    for key in set(data.SHAPES_DEFAULTS) - {"captions_per_image"}:
+        cfg = train.load_config(None, [f"data.shapes.{key}={data.SHAPES_DEFAULTS[key]!r}"])
+        assert data.shapes_params(cfg["data"])[key] == data.SHAPES_DEFAULTS[key], key
+    assert data.shapes_params(train.load_config()["data"]) == data.SHAPES_DEFAULTS     # config.yaml = the generator's defaults
