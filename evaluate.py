@@ -9,6 +9,7 @@ i2t ranks the best-ranked of an image's ground-truth captions, t2i the caption's
 prints "1K" (the mean of five folds of 1,000 images; RSUM = sum of the averaged recalls) and "5K".
 """
 import argparse
+import contextlib
 import json
 import sys
 
@@ -227,9 +228,10 @@ def move_to(batch, device):
 
 def autocast(device, amp):
     """Mixed precision on CUDA only (amp = bf16 | fp16 | off)."""
-    enabled = torch.device(device).type == "cuda" and amp in ("bf16", "fp16")
+    if not (torch.device(device).type == "cuda" and amp in ("bf16", "fp16")):
+        return contextlib.nullcontext()      # also on devices autocast does not know (meta, in tests)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=enabled)
+    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ class MaxMatchModel(nn.Module):
 
     def encode_captions(self, batch):
         local, mask, global_feature = self.text_encoder(batch["tokens"], batch["lengths"],
-                                                        host_lengths=batch.get("host_lengths"))
+                                                        host_lengths=batch.get("host_lengths"),
+                                                        caption_order=batch.get("caption_order"))
         return self.text_head(local, mask, global_feature)
 
     def forward(self, batch):
@@ -372,13 +373,22 @@ class GRUTextEncoder(nn.Module):
         self.projection = Projection(word_dim, embed_dim, dropout)
         set_finetune(self.backbone, text_cfg.get("finetune", True))
 
-    def forward(self, tokens, lengths, host_lengths=None):
-        # tokens (B, L) long, lengths (B,) long; host_lengths: the same on the CPU (saves a GPU sync)
+    def forward(self, tokens, lengths, host_lengths=None, caption_order=None):
+        # tokens (B, L) long, lengths (B,) long; host_lengths: the same on the CPU (saves a GPU sync);
+        # caption_order (B,) long on the device: indices sorting the captions longest first (collate
+        # computes it on the host, so packing uploads nothing). Outputs keep the input order.
         words = self.backbone["embedding"](tokens)                                # (B, L, W)
         if host_lengths is None:
             host_lengths = lengths.cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(words, host_lengths, batch_first=True,
-                                                   enforce_sorted=False)
+        if caption_order is None:
+            packed = nn.utils.rnn.pack_padded_sequence(words, host_lengths, batch_first=True,
+                                                       enforce_sorted=False)     # uploads its sort order
+        else:
+            sorted_lengths = host_lengths.sort(descending=True).values            # host only
+            packed = nn.utils.rnn.pack_padded_sequence(words.index_select(0, caption_order), sorted_lengths,
+                                                       batch_first=True, enforce_sorted=True)
+            # with sorted_indices set, the GRU returns its final state in the input order
+            packed = nn.utils.rnn.PackedSequence(packed.data, packed.batch_sizes, caption_order)
         _, final = self.backbone["gru"](packed)                                   # (2, B, D)
         mask = lengths_to_mask(lengths, tokens.shape[1])
         return self.projection(words), mask, final.mean(dim=0)
@@ -421,7 +431,7 @@ class BertTextEncoder(nn.Module):
             raise ModelError(f"model.text.global_pool={self.global_pool!r}; use cls or max")
         set_finetune(self.backbone, text_cfg.get("finetune", True))
 
-    def forward(self, tokens, lengths, host_lengths=None):
+    def forward(self, tokens, lengths, host_lengths=None, caption_order=None):
         mask = lengths_to_mask(lengths, tokens.shape[1])
         # BERT given a (B, L) mask asks the GPU whether it is all ones (a host sync each call);
         # the same mask as (B, 1, L) skips that check and gives the same result.

@@ -189,3 +189,22 @@ def test_training_forward_and_backward_read_no_value_on_the_host(image, text):
     image_set, caption_set = model(move_to(tiny_batch(), "meta"))
     (image_set.sets.sum() + caption_set.sets.sum()).backward()
     assert image_set.sets.shape == (2, K, D) and caption_set.sets.shape == (2, K, D)
+
+
+def test_gru_packed_with_the_collated_caption_order_matches_unsorted_packing():
+    """The GRU packs with caption_order from the collate step (nothing uploaded) and returns its
+    outputs in the input order, exactly as torch's own sorting (enforce_sorted=False) does."""
+    from data import collate_batch
+    torch.manual_seed(0)
+    model = build_model(tiny_config("precomputed", "gru"), VOCAB).eval()
+    captions = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19, 20, 21], [22]]
+    items = [{"regions": torch.randn(3, 24), "index": i, "captions": captions[i:i + 1]} for i in range(5)]
+    batch = collate_batch(items, pad_id=0)
+    assert batch["caption_order"].tolist() == [1, 3, 0, 2, 4]
+    with torch.no_grad():
+        ordered = model.text_encoder(batch["tokens"], batch["lengths"], caption_order=batch["caption_order"])
+        unsorted = model.text_encoder(batch["tokens"], batch["lengths"])
+    for got, expected in zip(ordered, unsorted):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    first_alone = model.text_encoder(batch["tokens"][:1, :3], batch["lengths"][:1])[2]
+    torch.testing.assert_close(ordered[2][:1], first_alone, rtol=0, atol=1e-6)      # row 0 is caption 0

@@ -193,6 +193,64 @@ def test_sigterm_saves_a_usable_last_checkpoint_and_exits_cleanly(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "runs" / "run") if ".tmp" in p]
 
 
+class HostToDeviceCopies(torch.overrides.TorchFunctionMode):
+    """Records every copy of host data to another device made through Python: Tensor.to / .cuda /
+    .copy_ / item assignment from a CPU tensor, and torch.tensor / as_tensor with a device."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []     # (function name, the host tensor or None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
+        if name in ("to", "cuda") and args[0].device.type == "cpu" and torch.is_tensor(out) \
+                and out.device.type != "cpu":
+            self.copies.append((name, args[0]))
+        elif name in ("copy_", "__setitem__") and args[0].device.type != "cpu" and torch.is_tensor(args[-1]) \
+                and args[-1].device.type == "cpu" and args[-1].dim() > 0:
+            self.copies.append((name, args[-1]))
+        elif name in ("tensor", "as_tensor", "asarray") and torch.is_tensor(out) and out.device.type != "cpu":
+            self.copies.append((name, None))
+        return out
+
+
+def test_a_training_step_copies_nothing_to_the_device_but_the_batch():
+    """Default path (ResNet + BiGRU, max_pair, every loss term, AdamW, clipping) on the meta device:
+    after one warm-up step (which fills the per-device caches), a step moves the batch's tensors
+    and nothing else. Without the collated caption order, the GRU's sort indices would be uploaded."""
+    from data import collate_batch
+    from model import build_model
+    cfg = train.load_config(None, ["model.embed_dim=32", "model.set_head.depth=1", "model.text.word_dim=16",
+                                   "data.image_size=32", "model.image.stop_after=layer1"])
+    vocab = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"] + [f"w{i}" for i in range(20)]
+    generator = torch.Generator().manual_seed(0)
+    items = [{"image": torch.randn(3, 32, 32, generator=generator), "index": i,
+              "captions": [torch.randint(5, 25, (int(n),), generator=generator).tolist()
+                           for n in torch.randint(2, 9, (5,), generator=generator)]} for i in range(4)]
+    batch = collate_batch(items, pad_id=0)
+    device = torch.device("meta")
+    model = build_model(cfg, vocab).to(device).train()
+    optimizer = train.build_optimizer(model, cfg["train"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    context = train.DistributedContext(0, 1, device)
+
+    def copies_of_one_step(step_batch):
+        with HostToDeviceCopies() as recorder:
+            train.training_step(model, step_batch, cfg, context, optimizer, scheduler, scaler)
+        return recorder.copies
+
+    copies_of_one_step(batch)
+    copies = copies_of_one_step(batch)
+    moved = [host for _, host in copies if any(host is value for value in batch.values())]
+    others = [name for name, host in copies if not any(host is value for value in batch.values())]
+    assert len(moved) == len(batch) and others == []
+    without_order = {key: value for key, value in batch.items() if key != "caption_order"}
+    assert len(copies_of_one_step(without_order)) == len(without_order) + 1     # the counter sees uploads
+
+
 # ----------------------------------------------------------------------------- user errors
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
