@@ -232,8 +232,17 @@ def build_image_encoder(image_cfg, embed_dim, dropout, data_cfg):
     raise ModelError(f"model.image.type={kind!r} is unknown; use one of cnn, vit, precomputed")
 
 
+BATCHNORM_MODES = ("batch", "frozen", "sync")
+
+
 class CNNImageEncoder(nn.Module):
-    """A torchvision ResNet cut after `stop_after`; local features = its grid, (B, h*w, C)."""
+    """A torchvision ResNet cut after `stop_after`; local features = its grid, (B, h*w, C).
+
+    `batchnorm` (METHOD.md §4): "batch" normalises with each process's batch statistics; "frozen"
+    keeps every BatchNorm layer in eval mode (running statistics used, never updated; affine weights
+    train when `finetune`); "sync" is "batch" here, and train.py turns the layers into SyncBatchNorm
+    across processes. `finetune: false` also keeps BatchNorm in eval mode.
+    """
 
     def __init__(self, image_cfg, embed_dim, dropout):
         super().__init__()
@@ -251,6 +260,19 @@ class CNNImageEncoder(nn.Module):
         channels = (last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2).num_features
         self.projection = Projection(channels, embed_dim, dropout)
         set_finetune(self.backbone, image_cfg.get("finetune", True))
+        batchnorm = image_cfg.get("batchnorm", "batch")
+        if batchnorm not in BATCHNORM_MODES:
+            raise ModelError(f"model.image.batchnorm={batchnorm!r}; use one of {', '.join(BATCHNORM_MODES)}")
+        self.freeze_batchnorm = batchnorm == "frozen" or not image_cfg.get("finetune", True)
+
+    def train(self, mode=True):
+        """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode."""
+        super().train(mode)
+        if self.freeze_batchnorm:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, batch):
         grid = self.backbone(batch["images"])                        # (B, C, h, w)

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 
+import numpy
 import torch
 import torch.distributed as dist
 import yaml
@@ -38,7 +39,7 @@ from model import ModelError, build_model
 from similarity import METHODS, pairwise_similarity
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2     # 2: 'rng' is a list with one entry per rank, and 'world_size'
 
 
 class ConfigError(Exception):
@@ -186,6 +187,7 @@ def train(cfg, resume=None):
         torch.use_deterministic_algorithms(True)
     run_dir = os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
     checkpoint = resume_checkpoint(resume, run_dir, cfg)
+    saved_rng = rank_rng_state(checkpoint, context, resume, run_dir) if checkpoint else None
 
     if context.is_main:
         prepare_data(cfg["data"])
@@ -193,7 +195,7 @@ def train(cfg, resume=None):
     vocab = checkpoint["vocab"] if checkpoint else make_vocabulary(cfg)
     tokenizer = build_text_tokenizer(cfg["model"]["text"], vocab)
     seed_everything(cfg["run"]["seed"])
-    model = build_model(cfg, vocab).to(context.device)
+    model = synchronise_batchnorm(build_model(cfg, vocab), cfg, context).to(context.device)
     train_loader = build_loader(cfg, "train", tokenizer, train=True, rank=context.rank,
                                 world_size=context.world_size)
     val_loader = build_loader(cfg, "val", tokenizer, train=False) if context.is_main else None
@@ -206,7 +208,7 @@ def train(cfg, resume=None):
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_rsum": -math.inf}
     if checkpoint:
         state = restore_state(checkpoint, model, optimizer, scheduler, scaler)
-    seed_everything(cfg["run"]["seed"] + context.rank, restore=checkpoint and checkpoint.get("rng"))
+    seed_everything(cfg["run"]["seed"] + context.rank, restore=saved_rng, loader=train_loader)
     trainer = model
     if context.world_size > 1:
         # device_ids=None: move_to already put the batch on this process's device, and DDP must not
@@ -222,8 +224,8 @@ def train(cfg, resume=None):
         print(f"run {run_dir}: {count_parameters(model) / 1e6:.2f}M parameters, {steps_per_epoch} steps/epoch "
               f"x {cfg['train']['epochs']} epochs, {context.world_size} process(es) on {context.device}",
               flush=True)
-    save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context.is_main)
-    stop = StopRequest()
+    save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context, train_loader)
+    stop = StopRequest(context)
     log = JsonlLog(os.path.join(run_dir, "log.jsonl")) if context.is_main else None
     steps_this_invocation = 0
     stop_after = cfg["train"]["stop_after_steps"]
@@ -246,10 +248,12 @@ def train(cfg, resume=None):
                 if log:
                     log.write({"epoch": epoch, "step": state["step"], "global_step": state["global_step"],
                                "lr": scheduler.get_last_lr()[0], **running.means()})
-            if stop.requested or (stop_after and steps_this_invocation >= stop_after):
+            stopping = stop.agreed()        # every rank, every step: a signal to any rank stops all here
+            if stopping or (stop_after and steps_this_invocation >= stop_after):
                 raise_if_diverged(running, epoch, state, run_dir)
                 save("last.pt", state)
-                if stop.requested:
+                context.barrier()           # no rank leaves (and makes torchrun end the job) mid-save
+                if stopping:
                     if context.is_main:
                         print(f"stopped by signal at epoch {epoch + 1} step {state['step']}; saved "
                               f"{run_dir}/last.pt (continue with --resume auto)", flush=True)
@@ -270,7 +274,7 @@ def train(cfg, resume=None):
             is_best = False
         save("last.pt", state)
         if is_best:
-            save("best.pt", state)
+            save("best.pt", state, rng_states=save.last_rng_states)
         context.barrier()
 
     if context.is_main:
@@ -414,37 +418,82 @@ def restore_state(checkpoint, model, optimizer, scheduler, scaler):
     return dict(checkpoint["state"])
 
 
-def seed_everything(seed, restore=None):
-    """Seed Python and torch RNGs, or restore them from a checkpoint's 'rng' entry."""
+def seed_everything(seed, restore=None, loader=None):
+    """Seed Python, NumPy and torch RNGs, or restore them (and the loader's generator) from one
+    rank's entry of a checkpoint's 'rng' list (see rng_state)."""
     if restore:
         random.setstate(restore["python"])
         torch.set_rng_state(restore["torch"])
+        if restore.get("numpy") is not None:
+            name, keys, position, has_gauss, gauss = restore["numpy"]
+            numpy.random.set_state((name, keys.numpy().astype(numpy.uint32), position, has_gauss, gauss))
         if restore.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(restore["cuda"])
+            torch.cuda.set_rng_state(restore["cuda"])            # this process's current device
+        if loader is not None and restore.get("loader") is not None:
+            loader.generator.set_state(restore["loader"])
         return
     random.seed(seed)
+    numpy.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def rng_state(loader=None):
+    """This process's RNG states: Python, NumPy, torch CPU, its CUDA device, and the generator the
+    train loader draws its worker seeds from."""
+    name, keys, position, has_gauss, gauss = numpy.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(numpy.int64)), position, has_gauss, gauss)  # loads weights_only
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "loader": loader.generator.get_state() if loader is not None else None}
+
+
+def rank_rng_state(checkpoint, context, resume, run_dir):
+    """This rank's RNG states from a checkpoint; a checkpoint written by another number of processes
+    stops the run (a rank's dropout masks and batch shard depend on the count, so the run could not
+    continue exactly)."""
+    path = os.path.join(run_dir, "last.pt") if resume == "auto" else resume
+    states = checkpoint.get("rng")
+    states = states if isinstance(states, list) else [states]     # version 1: rank 0's states only
+    written_by = checkpoint.get("world_size", 1)
+    if written_by != context.world_size:
+        raise CheckpointError(
+            f"{path} was written by {written_by} process(es) and this run has {context.world_size}: resume "
+            f"with {written_by} (torchrun --nproc_per_node={written_by}); each process continues from its own "
+            "RNG state and batch shard, so another count cannot continue the run exactly")
+    return states[context.rank]
+
+
+def synchronise_batchnorm(model, cfg, context):
+    """model.image.batchnorm=sync: SyncBatchNorm across processes (CUDA only). One process: as batch."""
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if cfg["model"]["image"].get("batchnorm") != "sync" or context.world_size == 1 or not has_batchnorm:
+        return model
+    if context.device.type != "cuda":
+        raise ConfigError("model.image.batchnorm=sync needs CUDA (torch's SyncBatchNorm cannot run on the "
+                          "CPU); use model.image.batchnorm=frozen (exact across processes) or batch")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 class CheckpointWriter:
-    """Writes checkpoints atomically (temp file, fsync, rename) from the main process only."""
+    """Writes checkpoints atomically (temp file, fsync, rename) from the main process. Every rank
+    calls it (unless rng_states are given): the RNG states of all ranks are gathered into the file."""
 
-    def __init__(self, run_dir, cfg, vocab, model, optimizer, scheduler, scaler, is_main):
-        self.run_dir, self.cfg, self.vocab, self.is_main = run_dir, cfg, vocab, is_main
+    def __init__(self, run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context, loader=None):
+        self.run_dir, self.cfg, self.vocab, self.context, self.loader = run_dir, cfg, vocab, context, loader
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.last_rng_states = None
 
-    def __call__(self, name, state):
-        if not self.is_main:
+    def __call__(self, name, state, rng_states=None):
+        if rng_states is None:
+            rng_states = self.context.gather_objects(rng_state(self.loader))     # [rank 0, rank 1, ...]
+            self.last_rng_states = rng_states
+        if not self.context.is_main:
             return
         checkpoint = {"version": CHECKPOINT_VERSION, "model": self.model.state_dict(),
                       "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                       "scaler": self.scaler.state_dict(), "state": dict(state), "epoch": state["epoch"],
-                      "rng": rng_state(), "config": self.cfg, "vocab": self.vocab}
+                      "rng": rng_states, "world_size": self.context.world_size, "config": self.cfg,
+                      "vocab": self.vocab}
         atomic_save(checkpoint, os.path.join(self.run_dir, name))
 
 
@@ -471,15 +520,25 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop saves last.pt after the current step and exits."""
+    """SIGTERM / Ctrl-C set a flag in the process that receives it; `agreed()`, called by every rank
+    after every step, tells all ranks whether any rank has it (the largest signal number wins), so
+    all stop at the same step boundary, save last.pt once and exit with 128 + that signal."""
 
-    def __init__(self):
-        self.requested, self.signal_number = False, 0
+    def __init__(self, context):
+        self.context, self.signal_number = context, 0
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signal_number, self.handle)
 
     def handle(self, signal_number, frame):
-        self.requested, self.signal_number = True, signal_number
+        self.signal_number = max(self.signal_number, signal_number)
+
+    def agreed(self):
+        if self.context.world_size > 1:
+            # A one-element all_reduce on the host (gloo): no GPU sync; see benchmarks/stop_flag_cost.py
+            flag = torch.tensor([self.signal_number], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.context.host_group)
+            self.signal_number = int(flag[0])
+        return self.signal_number > 0
 
 
 class JsonlLog:
@@ -509,9 +568,18 @@ class RunningMean:
 class DistributedContext:
     """Rank, world size and device of this process, plus gather/barrier that are no-ops alone."""
 
-    def __init__(self, rank, world_size, device):
+    def __init__(self, rank, world_size, device, host_group=None):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_main = rank == 0
+        self.host_group = host_group    # a gloo group for small host-side collectives (None: the default)
+
+    def gather_objects(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, host side)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.host_group)
+        return gathered
 
     def gather(self, tensors, with_grad=True):
         """Concatenate each tensor over processes along dim 0 (rank order), keeping the gradient."""
@@ -566,7 +634,9 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistributedContext(rank, world_size, device)
+    # NCCL runs: stop flags and RNG states travel through a gloo group, so the host never waits on the GPU
+    host_group = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
+    return DistributedContext(rank, world_size, device, host_group)
 
 
 def count_parameters(model):

@@ -208,3 +208,36 @@ def test_gru_packed_with_the_collated_caption_order_matches_unsorted_packing():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     first_alone = model.text_encoder(batch["tokens"][:1, :3], batch["lengths"][:1])[2]
     torch.testing.assert_close(ordered[2][:1], first_alone, rtol=0, atol=1e-6)      # row 0 is caption 0
+
+
+@pytest.mark.parametrize("batchnorm, finetune, updated", [("batch", True, True), ("frozen", True, False),
+                                                          ("batch", False, False), ("sync", True, True)])
+def test_batchnorm_running_statistics_change_only_in_batch_mode_with_a_trained_backbone(batchnorm, finetune, updated):
+    """frozen, or finetune: false, keeps every BatchNorm layer on its running statistics through a
+    training step; frozen still trains the affine weights. sync in one process is batch."""
+    cfg = tiny_config("cnn", "gru")
+    cfg["model"]["image"].update(batchnorm=batchnorm, finetune=finetune)
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB).train()
+    layers = [m for m in model.image_encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = copy.deepcopy(model.image_encoder.backbone.state_dict())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    image_set, caption_set = model(tiny_batch())
+    (image_set.sets.sum() - caption_set.sets.sum()).backward()
+    optimizer.step()
+    after = model.image_encoder.backbone.state_dict()
+    statistics = [key for key in before if key.endswith(("running_mean", "running_var"))]
+    assert len(statistics) == 2 * len(layers) > 0
+    assert all(layer.training == updated for layer in layers)
+    assert all(not torch.equal(before[key], after[key]) for key in statistics) == updated
+    assert all(torch.equal(before[key], after[key]) for key in statistics) == (not updated)
+    affine_gradients = [layer.weight.grad for layer in layers]
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in affine_gradients) == finetune
+    assert all(grad is None for grad in affine_gradients) == (not finetune)
+
+
+def test_unknown_batchnorm_mode_is_named():
+    cfg = tiny_config("cnn", "gru")
+    cfg["model"]["image"]["batchnorm"] = "group"
+    with pytest.raises(ModelError, match="model.image.batchnorm='group'.*batch, frozen, sync"):
+        build_model(cfg, VOCAB)
