@@ -396,7 +396,8 @@ def resume_checkpoint(resume, run_dir, cfg):
     if resume == "auto" and not os.path.exists(path):
         return None
     checkpoint = load_checkpoint(path)
-    differences = config_differences(checkpoint["config"]["model"], cfg["model"], "model")
+    # over today's defaults: a model key added since the checkpoint was written is not a difference
+    differences = config_differences(checkpoint_config(checkpoint, path)["model"], cfg["model"], "model")
     if differences:
         raise CheckpointError(f"{path} was trained with another model config ({'; '.join(differences[:5])}); "
                               "resume with the same config or start a new run")

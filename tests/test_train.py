@@ -315,3 +315,17 @@ def test_resuming_with_another_model_config_names_the_difference(tmp_path, capsy
     assert train.main(base + ["model.num_embeds=3", "--resume", "auto"]) == 2
     message = capsys.readouterr().err
     assert "model.num_embeds: 2 -> 3" in message and "another model config" in message
+
+
+def test_a_checkpoint_from_before_batchnorm_modes_and_per_rank_rng_resumes(tmp_path):
+    """Version 1 checkpoints: no model.image.batchnorm key (its default applies) and one RNG state."""
+    write_precomputed(tmp_path / "precomp")
+    base = tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]
+    assert train.main(base) == 0
+    last = tmp_path / "runs" / "run" / "last.pt"
+    checkpoint = load_checkpoint(str(last))
+    del checkpoint["config"]["model"]["image"]["batchnorm"], checkpoint["world_size"]
+    checkpoint.update(version=1, rng=checkpoint["rng"][0])
+    torch.save(checkpoint, last)
+    assert train.main(base + ["train.epochs=2", "--resume", "auto"]) == 0
+    assert load_checkpoint(str(last))["state"]["epoch"] == 2
