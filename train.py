@@ -224,7 +224,7 @@ def train(cfg, resume=None):
         print(f"run {run_dir}: {count_parameters(model) / 1e6:.2f}M parameters, {steps_per_epoch} steps/epoch "
               f"x {cfg['train']['epochs']} epochs, {context.world_size} process(es) on {context.device}",
               flush=True)
-    save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context, train_loader)
+    save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context)
     stop = StopRequest(context)
     log = JsonlLog(os.path.join(run_dir, "log.jsonl")) if context.is_main else None
     steps_this_invocation = 0
@@ -233,6 +233,7 @@ def train(cfg, resume=None):
 
     for epoch in range(state["epoch"], cfg["train"]["epochs"]):
         set_loader_epoch(train_loader, epoch, start_batch=state["step"])
+        save.loader_state = train_loader.generator.get_state()   # before iterating draws from it
         trainer.train()
         running = RunningMean()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['train']['epochs']}", leave=False,
@@ -272,6 +273,7 @@ def train(cfg, resume=None):
             print(epoch_line(summary, is_best), flush=True)
         else:
             is_best = False
+        save.loader_state = train_loader.generator.get_state()   # what the next epoch starts from
         save("last.pt", state)
         if is_best:
             save("best.pt", state, rng_states=save.last_rng_states)
@@ -428,7 +430,9 @@ def seed_everything(seed, restore=None, loader=None):
         if restore.get("numpy") is not None:
             name, keys, position, has_gauss, gauss = restore["numpy"]
             numpy.random.set_state((name, keys.numpy().astype(numpy.uint32), position, has_gauss, gauss))
-        if restore.get("cuda") is not None and torch.cuda.is_available():
+        if isinstance(restore.get("cuda"), list) and torch.cuda.is_available():     # version 1: all devices
+            torch.cuda.set_rng_state_all(restore["cuda"])
+        elif restore.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(restore["cuda"])            # this process's current device
         if loader is not None and restore.get("loader") is not None:
             loader.generator.set_state(restore["loader"])
@@ -438,14 +442,15 @@ def seed_everything(seed, restore=None, loader=None):
     torch.manual_seed(seed)
 
 
-def rng_state(loader=None):
-    """This process's RNG states: Python, NumPy, torch CPU, its CUDA device, and the generator the
-    train loader draws its worker seeds from."""
+def rng_state(loader_state=None):
+    """This process's RNG states: Python, NumPy, torch CPU, its CUDA device, and `loader_state`: the
+    state of the generator the train loader draws its worker seeds from, as of the start of the
+    epoch (iterating the loader draws from it once)."""
     name, keys, position, has_gauss, gauss = numpy.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(numpy.int64)), position, has_gauss, gauss)  # loads weights_only
     return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "loader": loader.generator.get_state() if loader is not None else None}
+            "loader": loader_state}
 
 
 def rank_rng_state(checkpoint, context, resume, run_dir):
@@ -477,16 +482,17 @@ def synchronise_batchnorm(model, cfg, context):
 
 class CheckpointWriter:
     """Writes checkpoints atomically (temp file, fsync, rename) from the main process. Every rank
-    calls it (unless rng_states are given): the RNG states of all ranks are gathered into the file."""
+    calls it (unless rng_states are given): the RNG states of all ranks are gathered into the file.
+    The training loop sets `loader_state` (see rng_state)."""
 
-    def __init__(self, run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context, loader=None):
-        self.run_dir, self.cfg, self.vocab, self.context, self.loader = run_dir, cfg, vocab, context, loader
+    def __init__(self, run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context):
+        self.run_dir, self.cfg, self.vocab, self.context = run_dir, cfg, vocab, context
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.last_rng_states = None
+        self.loader_state, self.last_rng_states = None, None
 
     def __call__(self, name, state, rng_states=None):
         if rng_states is None:
-            rng_states = self.context.gather_objects(rng_state(self.loader))     # [rank 0, rank 1, ...]
+            rng_states = self.context.gather_objects(rng_state(self.loader_state))     # [rank 0, rank 1, ...]
             self.last_rng_states = rng_states
         if not self.context.is_main:
             return

@@ -130,6 +130,12 @@ def test_two_process_run_resumed_mid_epoch_reaches_the_weights_of_the_run_left_a
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "runs" / "straight" / "last.pt"),
                         weights(tmp_path / "runs" / "resumed" / "last.pt"))
+    straight_rng = load_checkpoint(str(tmp_path / "runs" / "straight" / "last.pt"))["rng"]
+    resumed_rng = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))["rng"]
+    for rank in (0, 1):      # every RNG ends where the uninterrupted run's did, the loader's generator too
+        for name in ("torch", "loader"):
+            assert torch.equal(straight_rng[rank][name], resumed_rng[rank][name]), (rank, name)
+        assert straight_rng[rank]["python"] == resumed_rng[rank]["python"]
 
     # another number of processes cannot continue the run exactly: one line, nothing touched
     before = (tmp_path / "runs" / "resumed" / "last.pt").read_bytes()
