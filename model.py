@@ -31,6 +31,10 @@ class ModelError(Exception):
     """A model configuration or weight file the user has to fix; the message says how."""
 
 
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message names it and says why."""
+
+
 class SetEmbedding(NamedTuple):
     sets: torch.Tensor        # (B, K, D) unit-norm set elements S_k
     residuals: torch.Tensor   # (B, K, D) r_k before the global feature is added
@@ -459,3 +463,37 @@ def without_pooler(bert):
     if getattr(bert, "pooler", None) is not None:
         bert.pooler = None
     return bert
+
+
+# ----------------------------------------------------------------------------- running a model, checkpoints
+
+def move_to(batch, device):
+    """Tensors to the device (non-blocking from pinned memory). Caption lengths also stay on the host
+    as `host_lengths`: a GRU packs its input with lengths on the host, and copying them back would sync."""
+    moved = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+             for key, value in batch.items()}
+    if torch.is_tensor(batch.get("lengths")):
+        moved["host_lengths"] = batch["lengths"]
+    return moved
+
+
+def autocast(device, amp):
+    """Mixed precision on CUDA only (amp = bf16 | fp16 | off)."""
+    enabled = torch.device(device).type == "cuda" and amp in ("bf16", "fp16")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=enabled)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True and one clear error for missing or broken files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a torch file, foreign pickle
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({str(error).splitlines()[0][:120]}); "
+                              "it is truncated or not a MaxMatch checkpoint") from None
+    missing = [key for key in ("model", "config") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} has no {', '.join(missing)}: not a MaxMatch checkpoint")
+    return checkpoint

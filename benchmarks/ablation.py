@@ -29,8 +29,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from config import DEFAULT_CONFIG, load_config, merge_config, read_yaml  # noqa: E402
 from data import prepare_data  # noqa: E402
-from train import DEFAULT_CONFIG, load_config, merge_config, read_yaml  # noqa: E402
 
 # Which of the four set regularisers a configuration keeps; the kept ones use config.yaml's weights.
 REGULARISERS = {

@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
+import shapes
 from data import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +60,7 @@ KARPATHY_IMAGES = [
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    data.generate_shapes(root, **SMALL_SHAPES)
+    shapes.generate_shapes(root, **SMALL_SHAPES)
     return root
 
 
@@ -95,8 +97,8 @@ def test_shapes_generator_is_byte_identical_for_same_seed_and_differs_for_anothe
     def files(root):
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    data.generate_shapes(tmp_path / "same", **SMALL_SHAPES)
-    data.generate_shapes(tmp_path / "other", **{**SMALL_SHAPES, "seed": 4})
+    shapes.generate_shapes(tmp_path / "same", **SMALL_SHAPES)
+    shapes.generate_shapes(tmp_path / "other", **{**SMALL_SHAPES, "seed": 4})
     reference = files(shapes_root)
     assert len(reference) == 40 + 10 + 20 + 1
     assert files(tmp_path / "same") == reference
@@ -131,8 +133,8 @@ def test_shapes_captions_name_the_colour_and_shape_of_described_objects(shapes_j
         for sentence in entry["sentences"]:
             for index in sentence["objects"]:
                 obj = entry["objects"][index]
-                assert any(word in sentence["raw"] for word in data.COLOUR_WORDS[obj["colour"]])
-                assert any(word in sentence["raw"] for word in data.SHAPE_WORDS[obj["shape"]])
+                assert any(word in sentence["raw"] for word in shapes.COLOUR_WORDS[obj["colour"]])
+                assert any(word in sentence["raw"] for word in shapes.SHAPE_WORDS[obj["shape"]])
 
 
 def test_shapes_test_and_val_images_show_type_combinations_unseen_in_training(shapes_json):
@@ -145,7 +147,7 @@ def test_shapes_test_and_val_images_show_type_combinations_unseen_in_training(sh
 
 
 def test_shapes_default_difficulty_diagnostic_is_reported(shapes_root):
-    stats = data.shapes_caption_ambiguity(shapes_root / "dataset_shapes.json", "test")
+    stats = shapes.shapes_caption_ambiguity(shapes_root / "dataset_shapes.json", "test")
     assert stats["captions"] == 100 and 0.5 < stats["oracle_t2i_r1"] <= 1.0
 
 
@@ -515,8 +517,14 @@ def test_check_cli_exit_codes(karpathy_root, tmp_path):
 
 
 def test_every_shapes_generator_parameter_can_be_set_from_the_command_line():
-    import train
-    for key in set(data.SHAPES_DEFAULTS) - {"captions_per_image"}:
-        cfg = train.load_config(None, [f"data.shapes.{key}={data.SHAPES_DEFAULTS[key]!r}"])
-        assert data.shapes_params(cfg["data"])[key] == data.SHAPES_DEFAULTS[key], key
-    assert data.shapes_params(train.load_config()["data"]) == data.SHAPES_DEFAULTS     # config.yaml = the generator's defaults
+    defaults = shapes.shapes_defaults()
+    for key, value in defaults.items():
+        value = list(value) if isinstance(value, tuple) else value
+        cfg = config.load_config(None, [f"data.shapes.{key}={value!r}"])
+        assert data.shapes_params(cfg["data"])[key] == value, key
+
+
+def test_generator_keyword_defaults_equal_config_yaml():
+    defaults = {key: list(value) if isinstance(value, tuple) else value
+                for key, value in shapes.shapes_defaults().items()}
+    assert config.load_config()["data"]["shapes"] == defaults

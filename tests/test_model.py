@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from evaluate import move_to
+from model import move_to
 from model import ModelError, build_model, load_word_vectors
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"] + [f"w{i}" for i in range(27)]
