@@ -5,7 +5,7 @@
 - Karpathy JSON + image folder datasets (`coco`, `f30k`) and SCAN precomputed region features
   (`precomputed`: `{split}_ims.npy` memory-mapped, `{split}_caps.txt`).
 - Text: word vocabulary + tokeniser (GRU) or a transformers `AutoTokenizer` (BERT); caption token
-  drop augmentation (SPEC 4).
+  drop augmentation (METHOD.md §4).
 - Batches: every item is an image with its C captions; `collate_batch` orders captions
   image-major (caption j of a batch belongs to image j // C). `ShardedBatchSampler` cuts one
   global permutation per epoch into global batches and gives each process a contiguous slice.
@@ -41,7 +41,7 @@ IMAGE_DATASETS = ("shapes", "coco", "f30k", "flickr30k")
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "dev": ("val",), "test": ("test",)}
 # SCAN precomputed file prefixes per requested split.
 PRECOMPUTED_SPLITS = {"train": "train", "val": "dev", "dev": "dev", "test": "test", "testall": "testall"}
-# Token drop (SPEC 4, as VSE-infinity/DivE): of the dropped tokens 50% -> <mask>, 10% -> random word, 40% deleted.
+# Token drop (METHOD.md §4, as VSE-infinity/DivE): of the dropped tokens 50% -> <mask>, 10% -> random word, 40% deleted.
 DROP_MASK_SHARE = 0.5
 DROP_RANDOM_SHARE = 0.1
 
@@ -101,18 +101,18 @@ def training_captions(data_cfg):
 
 def build_text_tokenizer(text_cfg, vocab=None):
     """Tokeniser for config `model.text`: word vocabulary for `gru`, AutoTokenizer for `bert`."""
-    kind = text_cfg.get("type", "gru")
+    kind = text_cfg["type"]
     if kind == "gru":
         if not vocab:
             raise DataError("model.text.type=gru needs the word vocabulary: "
                             "build_vocabulary(training_captions(cfg['data'])) or the checkpoint's 'vocab'")
         return WordTokenizer(vocab)
     if kind == "bert":
-        name = text_cfg.get("tokenizer") or text_cfg.get("bert")
+        name = text_cfg["tokenizer"] or text_cfg["bert"]
         if not name:
             raise DataError("model.text.type=bert needs model.text.bert (a local model folder or hub name) "
                             "or model.text.tokenizer (a local tokenizer folder)")
-        return BertTextTokenizer(name, max_length=text_cfg.get("max_length"))
+        return BertTextTokenizer(name, max_length=text_cfg["max_length"])
     raise DataError(f"unknown model.text.type {kind!r}: use gru or bert")
 
 
@@ -168,7 +168,7 @@ class BertTextTokenizer:
 
 
 def drop_tokens(ids, prob, rng, mask_id, vocab_size, special_ids):
-    """Caption token drop (SPEC 4): each non-special token is dropped with `prob`; of the dropped,
+    """Caption token drop (METHOD.md §4): each non-special token is dropped with `prob`; of the dropped,
     half become `mask_id`, 10% a random non-special token, the rest are deleted. Specials stay."""
     out = []
     for token in ids:
@@ -192,7 +192,7 @@ def build_dataset(cfg, split, tokenizer, train):
     """Dataset of (image or regions, C captions) items for `split` (train/val/test; SCAN: dev/testall)."""
     data_cfg = cfg["data"]
     common = dict(tokenizer=tokenizer, captions_per_image=int(data_cfg["captions_per_image"]), train=train,
-                  token_drop=float(data_cfg.get("token_drop", 0.0)), seed=int(cfg.get("run", {}).get("seed", 0)))
+                  token_drop=float(data_cfg["token_drop"]), seed=int(cfg["run"]["seed"]))
     dataset = data_cfg["dataset"]
     if dataset == "precomputed":
         root = Path(data_cfg["root"])
@@ -200,7 +200,7 @@ def build_dataset(cfg, split, tokenizer, train):
         if prefix is None:
             raise DataError(f"unknown split {split!r} for precomputed data: use {', '.join(PRECOMPUTED_SPLITS)}")
         return PrecomputedDataset(root / f"{prefix}_ims.npy", root / f"{prefix}_caps.txt",
-                                  region_drop=float(data_cfg.get("region_drop", 0.0)), **common)
+                                  region_drop=float(data_cfg["region_drop"]), **common)
     if dataset not in IMAGE_DATASETS:
         raise DataError(f"unknown data.dataset {dataset!r}: use shapes, coco, f30k or precomputed")
     records = _split_records(_load_karpathy(data_cfg), split, _karpathy_path(data_cfg))
@@ -211,8 +211,8 @@ def build_dataset(cfg, split, tokenizer, train):
         raise DataError(f"{len(missing)} image file(s) of split {split!r} not found, e.g. {missing[0]} "
                         f"(set data.image_dir; images are read from <image_dir>/<filepath>/<filename>)")
     return ImageCaptionDataset(paths, [r["captions"] for r in records], image_size=int(data_cfg["image_size"]),
-                               crop_scale=tuple(data_cfg.get("train_crop_scale", (0.8, 1.0))),
-                               hflip=bool(data_cfg.get("hflip", False)), **common)
+                               crop_scale=tuple(data_cfg["train_crop_scale"]),
+                               hflip=bool(data_cfg["hflip"]), **common)
 
 
 class ImageCaptionDataset(Dataset):
@@ -369,15 +369,15 @@ def build_loader(cfg, split, tokenizer, train, rank=0, world_size=1, batch_size=
     if batch_size is None:
         batch_size = cfg["train"]["batch_size"] if train else cfg["eval"]["batch_size"]
     sampler = ShardedBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
-                                  seed=int(cfg.get("run", {}).get("seed", 0)), shuffle=train, drop_last=train)
+                                  seed=int(cfg["run"]["seed"]), shuffle=train, drop_last=train)
     if train and len(sampler) == 0:
         raise DataError(f"split {split!r} has {len(dataset)} images, fewer than one batch of {batch_size}: "
                         "lower train.batch_size")
     # A private generator: creating an iterator must not draw from the global torch RNG, or an
     # exact resume (which restores that RNG mid-epoch) would see different dropout masks.
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=int(cfg["data"].get("num_workers", 0)),
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=int(cfg["data"]["num_workers"]),
                       collate_fn=_Collate(tokenizer.pad_id), pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(int(cfg.get("run", {}).get("seed", 0))))
+                      generator=torch.Generator().manual_seed(int(cfg["run"]["seed"])))
 
 
 def set_loader_epoch(loader, epoch, start_batch=0):
@@ -467,21 +467,21 @@ def _open_image(path):
 
 
 def _karpathy_path(data_cfg):
-    if data_cfg.get("karpathy_json"):
+    if data_cfg["karpathy_json"]:
         return Path(data_cfg["karpathy_json"])
     name = KARPATHY_NAMES.get(data_cfg["dataset"], data_cfg["dataset"])
     return Path(data_cfg["root"]) / f"dataset_{name}.json"
 
 
 def _image_dir(data_cfg):
-    return Path(data_cfg["image_dir"]) if data_cfg.get("image_dir") else Path(data_cfg["root"]) / "images"
+    return Path(data_cfg["image_dir"]) if data_cfg["image_dir"] else Path(data_cfg["root"]) / "images"
 
 
 def _load_karpathy(data_cfg):
     """Validated records [{'filename', 'filepath', 'split', 'captions': [raw, ...]}] of a Karpathy JSON."""
     path = _karpathy_path(data_cfg)
     root = Path(data_cfg["root"])
-    if not data_cfg.get("karpathy_json") and not root.is_dir():
+    if not data_cfg["karpathy_json"] and not root.is_dir():
         raise DataError(f"data root {root} does not exist: set data.root to the dataset folder")
     if not path.is_file():
         raise DataError(f"Karpathy JSON {path} not found: set data.karpathy_json (or put "

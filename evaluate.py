@@ -1,4 +1,4 @@
-"""Evaluate a trained MaxMatch checkpoint: retrieval recalls and set-collapse diagnostics (SPEC 5).
+"""Evaluate a trained MaxMatch checkpoint: retrieval recalls and set-collapse diagnostics (METHOD.md §5).
 
     python evaluate.py --ckpt runs/shapes_maxmatch/best.pt
     python evaluate.py --ckpt best.pt --method greedy --split val --data.root /new/place --out m.json
@@ -70,7 +70,7 @@ def five_fold_metrics(scores, caption_to_image, fold_size=1000):
 
 
 def collapse_diagnostics(sets, global_):
-    """How collapsed the sets are (SPEC 5): sets (N, K, D) unit-norm, global_ (N, D) unit-norm.
+    """How collapsed the sets are (METHOD.md §5): sets (N, K, D) unit-norm, global_ (N, D) unit-norm.
 
     intra_set_cos: mean cosine between two different elements of one set (1 = collapsed);
     global_cos: mean cosine of an element to its own global feature;

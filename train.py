@@ -1,4 +1,4 @@
-"""Train MaxMatch (SPEC section 4) on one CPU, one GPU, or many GPUs with torchrun.
+"""Train MaxMatch (METHOD.md §4) on one CPU, one GPU, or many GPUs with torchrun.
 
     python train.py                                   # built-in shapes dataset, then test metrics
     python train.py --config configs/X.yaml train.epochs=3 model.num_embeds=2

