@@ -7,7 +7,7 @@ optionally size and position, or a left/above relation between two). Val and tes
 show a set of object types that a training image shows.
 
 The generator's parameters are the `data.shapes` section of config.yaml; the keyword defaults of
-`generate_shapes` equal it (tests/test_data.py checks), for callers who use this file alone.
+`generate_shapes` equal it (tests/test_config.py checks), for callers who use this file alone.
 Imports no other file of this repository.
 """
 import collections

@@ -10,6 +10,7 @@ import yaml
 
 import config
 import losses
+import shapes
 import similarity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +73,12 @@ def test_similarity_keyword_defaults_equal_config_yaml():
         assert inspect.signature(function).parameters["method"].default == defaults["loss"]["similarity"]
     assert inspect.signature(similarity.score_matrix).parameters["chunk_size"].default == defaults["eval"]["chunk_size"]
     assert defaults["loss"]["similarity_options"] == {}, "options beyond METHOD_OPTIONS' defaults"
+
+
+def test_shapes_generator_keyword_defaults_equal_config_yaml():
+    defaults = {key: list(value) if isinstance(value, tuple) else value
+                for key, value in shapes.shapes_defaults().items()}
+    assert shipped()["data"]["shapes"] == defaults
 
 
 @pytest.mark.parametrize("override", ["model.text.max_length=64", "model.image.vit_config={image_size: 32}"])

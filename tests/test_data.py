@@ -527,9 +527,3 @@ def test_every_shapes_generator_parameter_can_be_set_from_the_command_line():
         value = list(value) if isinstance(value, tuple) else value
         cfg = config.load_config(None, [f"data.shapes.{key}={value!r}"])
         assert data.shapes_params(cfg["data"])[key] == value, key
-
-
-def test_generator_keyword_defaults_equal_config_yaml():
-    defaults = {key: list(value) if isinstance(value, tuple) else value
-                for key, value in shapes.shapes_defaults().items()}
-    assert config.load_config()["data"]["shapes"] == defaults
