@@ -15,7 +15,7 @@ import torch
 
 import train
 from data import prepare_data
-from evaluate import load_checkpoint
+from model import load_checkpoint
 from test_train import assert_same_weights, tiny_overrides, weights, write_precomputed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
