@@ -144,10 +144,11 @@ def train(cfg, resume=None):
                 save("last.pt", state)
                 context.barrier()           # no rank leaves (and makes torchrun end the job) mid-save
                 if stopping:
+                    stop.ignore_further_signals()
                     if context.is_main:
                         print(f"stopped by signal at epoch {epoch + 1} step {state['step']}; saved "
                               f"{run_dir}/last.pt (continue with --resume auto)", flush=True)
-                    raise Interrupted(128 + stop.signal_number)
+                    raise Interrupted(128 + stop.agreed_signal)
                 return run_dir
         raise_if_diverged(running, epoch, state, run_dir)
         state["epoch"], state["step"] = epoch + 1, 0
@@ -405,10 +406,13 @@ class Interrupted(Exception):
 class StopRequest:
     """SIGTERM / Ctrl-C set a flag in the process that receives it; `agreed()`, called by every rank
     after every step, tells all ranks whether any rank has it (the largest signal number wins), so
-    all stop at the same step boundary, save last.pt once and exit with 128 + that signal."""
+    all stop at the same step boundary, save last.pt once and exit with 128 + `agreed_signal`.
+
+    The handler only ever raises `signal_number`: a signal that arrives while the flag is in flight
+    (the handler runs when the all_reduce returns) is sent at the next step, never lost."""
 
     def __init__(self, context):
-        self.context, self.signal_number = context, 0
+        self.context, self.signal_number, self.agreed_signal = context, 0, 0
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signal_number, self.handle)
 
@@ -416,12 +420,18 @@ class StopRequest:
         self.signal_number = max(self.signal_number, signal_number)
 
     def agreed(self):
+        flag = torch.tensor([self.signal_number], dtype=torch.int32)
         if self.context.world_size > 1:
             # A one-element all_reduce on the host (gloo): no GPU sync; see benchmarks/stop_flag_cost.py
-            flag = torch.tensor([self.signal_number], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.context.host_group)
-            self.signal_number = int(flag[0])
-        return self.signal_number > 0
+        self.agreed_signal = int(flag[0])
+        return self.agreed_signal > 0
+
+    def ignore_further_signals(self):
+        """After the stop is saved: a SIGTERM from torchrun (sent to the ranks still exiting when the
+        first one has left) must not turn this rank's exit code 128 + signal into death by signal."""
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signal_number, signal.SIG_IGN)
 
 
 class JsonlLog:

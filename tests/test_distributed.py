@@ -48,10 +48,21 @@ def torchrun(args, timeout=RUN_LIMIT_S):
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        kill_job(process)
         pytest.fail(f"torchrun {' '.join(args[-3:])} did not finish within {timeout} s")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def kill_job(process):
+    """SIGKILL torchrun's workers (each in its own session, so not in the launcher's process group)
+    and then the launcher."""
+    for pid in worker_pids(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
 
 
 def start_torchrun(args):
@@ -60,10 +71,18 @@ def start_torchrun(args):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def worker_pids(launcher_pid):
+    """The launcher's child processes (its workers)."""
+    try:
+        with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as handle:
+            return [int(pid) for pid in handle.read().split()]
+    except FileNotFoundError:
+        return []
+
+
 def worker_pid(launcher_pid, rank):
     """The pid of the torchrun worker process with RANK=rank (a child of the launcher)."""
-    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as handle:
-        children = [int(pid) for pid in handle.read().split()]
+    children = worker_pids(launcher_pid)
     for pid in children:
         with open(f"/proc/{pid}/environ", "rb") as handle:
             if f"RANK={rank}".encode() in handle.read().split(b"\0"):
@@ -152,17 +171,16 @@ def test_sigterm_to_one_worker_stops_every_rank_and_the_run_resumes(tmp_path, sh
     process = start_torchrun(base)
     log = tmp_path / "runs" / "run" / "log.jsonl"
     deadline = time.time() + RUN_LIMIT_S
-    while not (log.exists() and log.read_text().count("\n") >= 3) and process.poll() is None:
-        assert time.time() < deadline, "training did not start"
-        time.sleep(0.05)
-    os.kill(worker_pid(process.pid, rank=1), signal.SIGTERM)         # rank 1 only: rank 0 must follow
-    signalled = time.time()
     try:
+        while not (log.exists() and log.read_text().count("\n") >= 3) and process.poll() is None:
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        os.kill(worker_pid(process.pid, rank=1), signal.SIGTERM)         # rank 1 only: rank 0 must follow
+        signalled = time.time()
         stdout, stderr = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail("the job did not end after SIGTERM to one worker")
+    except (AssertionError, subprocess.TimeoutExpired):
+        kill_job(process)
+        pytest.fail("the job did not start, or did not end after SIGTERM to one worker")
     assert time.time() - signalled < 30
     # torchrun's failure summary: "rank : 1 (local_rank: 1)" then "exitcode : 143 (pid: ...)"
     exit_codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank[^\n]*\n[^\n]*exitcode\s*:\s*(-?\d+)", stderr))
@@ -176,3 +194,23 @@ def test_sigterm_to_one_worker_stops_every_rank_and_the_run_resumes(tmp_path, sh
     resumed = torchrun(base + ["train.stop_after_steps=3", "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(str(tmp_path / "runs" / "run" / "last.pt"))["state"]["global_step"] == saved_step + 3
+
+
+def test_a_signal_arriving_while_the_stop_flag_is_in_flight_is_sent_at_the_next_step(monkeypatch):
+    """The handler runs when the flag's all_reduce returns; the flag sent before it must not erase it
+    (it did once, and the job then trained on forever). The collective here is rank 0's view of a
+    2-rank MAX where the other rank has no signal: the tensor is left as it is."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    stop = train.StopRequest(train.DistributedContext(0, 2, torch.device("cpu")))
+
+    def all_reduce_during_which_sigterm_arrives(flag, op, group):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+    try:
+        monkeypatch.setattr(train.dist, "all_reduce", all_reduce_during_which_sigterm_arrives)
+        assert stop.signal_number == 0 and not stop.agreed()      # sent 0: no rank stops at this step
+        monkeypatch.setattr(train.dist, "all_reduce", lambda flag, op, group: None)
+        assert stop.agreed() and stop.agreed_signal == signal.SIGTERM    # sent at the next step
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
