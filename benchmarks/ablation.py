@@ -149,6 +149,8 @@ def main(argv=None):
     parser.add_argument("--table", default=None, help="markdown output (default: <out>/table.md)")
     parser.add_argument("--results", default=None,
                         help="CSV of finished runs (default: benchmarks/results/<grid>.csv; quick: <out>/results.csv)")
+    parser.add_argument("--plan", action="store_true", help="list the runs, their config hashes and which the CSV "
+                        "already holds; train nothing")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. train.epochs=2")
     args = parser.parse_args(argv)
 
@@ -189,6 +191,13 @@ def main(argv=None):
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.plan:
+        done = [results_key(job["name"], job["dataset"], job["seed"], job["config_hash"]) in finished for job in jobs]
+        for job, in_csv in zip(jobs, done):
+            print(f"{job['dataset']:10s} {job['name']:24s} seed {job['seed']:<4d} hash {job['config_hash']} "
+                  f"{'in the CSV' if in_csv else 'to run'}")
+        print(f"{len(jobs)} runs, {sum(done)} of them in {results_path}")
+        return 0
     for dataset in datasets:    # once each, before parallel runs could race to generate it
         prepare_dataset(next(job["overrides"] for job in jobs if job["dataset"] == dataset))
     started = time.time()

@@ -142,6 +142,17 @@ def test_a_dataset_preset_becomes_overrides_that_give_the_presets_config():
                                    ablation.read_yaml(ablation.DEFAULT_CONFIG)) == ['loss.similarity_options={"alpha": 8}']
 
 
+def test_the_matching_plan_lists_96_runs_of_12_configurations_and_trains_nothing(tmp_path):
+    result = run_script(["benchmarks/ablation.py", "--grid", "matching", "--plan", "--out", str(tmp_path / "out"),
+                         "--results", str(tmp_path / "none.csv")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.split() for line in result.stdout.splitlines() if line.endswith("to run")]
+    assert len(lines) == 96 and result.stdout.rstrip().endswith(f"96 runs, 0 of them in {tmp_path / 'none.csv'}")
+    hashes = {line[-3] for line in lines}
+    assert len(hashes) == 12                       # 6 configurations x 2 datasets; seeds share a hash
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_matching_grid_holds_every_matching_with_all_losses_and_with_div_mmd_only():
     grid = ablation.GRIDS["matching"]
     assert {(method, regularisers) for method, regularisers, _ in grid.values()} == {
