@@ -45,7 +45,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from data import prepare_data  # noqa: E402
-from train import DEFAULT_CONFIG, load_config, merge_config, read_yaml  # noqa: E402
+from train import DEFAULT_CONFIG, USER_ERRORS, load_config, merge_config, read_yaml  # noqa: E402
 
 # Which of the four set regularisers a configuration keeps; the kept ones use config.yaml's weights.
 REGULARISERS = {
@@ -171,26 +171,14 @@ def main(argv=None):
     if any(o.startswith("data.root=") for o in args.overrides) and len(datasets) > 1:
         parser.error("data.root would put every dataset in one folder; run one --datasets at a time")
 
-    jobs = []
-    for dataset in datasets:
-        dataset_budget = dataset_overrides(dataset) + budget
-        if args.quick:
-            dataset_budget.append(f"data.root={os.path.join(out, 'data' if dataset == 'default' else 'data_' + dataset)}")
-        dataset_budget += args.overrides
-        for name, (method, regularisers, extra) in configurations.items():
-            label = name if dataset == "default" else f"{dataset}: {name}"      # run folder crowded_<name>_seed<N>
-            for seed in seeds:
-                overrides = run_overrides(method, regularisers, extra, dataset_budget, out, label, seed, threads)
-                jobs.append({"name": name, "dataset": dataset, "seed": seed, "label": label, "method": method,
-                             "regularisers": regularisers, "overrides": overrides,
-                             "config_hash": config_hash(load_config(None, overrides))})
-    if len({run_name(job["label"], job["seed"]) for job in jobs}) != len(jobs):
-        parser.error("two configurations map to the same run folder name; rename one")
     try:
+        jobs = plan_jobs(configurations, datasets, seeds, budget, args.overrides, out, threads, args.quick)
         finished = read_results(results_path)
-    except ValueError as error:
+    except (*USER_ERRORS, ValueError) as error:     # a bad override or preset, a CSV of other columns
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if len({run_name(job["label"], job["seed"]) for job in jobs}) != len(jobs):
+        parser.error("two configurations map to the same run folder name; rename one")
     if args.plan:
         done = [results_key(job["name"], job["dataset"], job["seed"], job["config_hash"]) in finished for job in jobs]
         for job, in_csv in zip(jobs, done):
@@ -227,6 +215,25 @@ def main(argv=None):
     print("\n" + header + table + f"\n\nwritten to {table_path}; raw results in {results_path}", flush=True)
     failed = [r for r in results if r["error"]]
     return 1 if failed else 0
+
+
+def plan_jobs(configurations, datasets, seeds, budget, extra_overrides, out, threads, quick=False):
+    """Every run of the grid as a dict: name, dataset, seed, label (the run folder's stem), method,
+    regularisers, train.py overrides and the config hash they give."""
+    jobs = []
+    for dataset in datasets:
+        dataset_budget = dataset_overrides(dataset) + list(budget)
+        if quick:
+            dataset_budget.append(f"data.root={os.path.join(out, 'data' if dataset == 'default' else 'data_' + dataset)}")
+        dataset_budget += list(extra_overrides)
+        for name, (method, regularisers, extra) in configurations.items():
+            label = name if dataset == "default" else f"{dataset}: {name}"      # run folder crowded_<name>_seed<N>
+            for seed in seeds:
+                overrides = run_overrides(method, regularisers, extra, dataset_budget, out, label, seed, threads)
+                jobs.append({"name": name, "dataset": dataset, "seed": seed, "label": label, "method": method,
+                             "regularisers": regularisers, "overrides": overrides,
+                             "config_hash": config_hash(load_config(None, overrides))})
+    return jobs
 
 
 def run_overrides(method, regularisers, extra, budget, out, name, seed, threads):
