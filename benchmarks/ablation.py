@@ -5,7 +5,7 @@ smooth-Chamfer, which beats PVSE's MIL; Global Discriminative + Intra-Set Diverg
 on top of either; and MaxMatch's sets collapse least. This script trains each configuration with
 `train.py` for several seeds on the built-in `shapes` dataset under one reduced budget and writes a
 markdown table: test RSUM mean and std over seeds, R@1 both ways, the set-collapse diagnostics of
-SPEC 5 (image / caption) and the wall time per run.
+METHOD.md §5 (image / caption) and the wall time per run.
 
     python benchmarks/ablation.py                  # 10 configurations x 3 seeds, about an hour on 2 cores
     python benchmarks/ablation.py --grid tune      # the loss-weight search behind config.yaml's defaults
@@ -44,8 +44,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from config import DEFAULT_CONFIG, ConfigError, load_config, merge_config, read_yaml  # noqa: E402
 from data import prepare_data  # noqa: E402
-from train import DEFAULT_CONFIG, USER_ERRORS, load_config, merge_config, read_yaml  # noqa: E402
 
 # Which of the four set regularisers a configuration keeps; the kept ones use config.yaml's weights.
 REGULARISERS = {
@@ -55,7 +55,7 @@ REGULARISERS = {
     "all": [],                                                         # MaxMatch: all four
 }
 
-# SPEC 3's starting values of the two new losses (config.yaml has the tuned ones).
+# METHOD.md §3's starting values of the two new losses (config.yaml has the tuned ones).
 START_GD_ISD = ["loss.gd.weight=0.01", "loss.isd.weight=0.01", "loss.gd.scale=10", "loss.isd.scale=10",
                 "loss.gd.delta=0.5", "loss.isd.delta=0.3"]
 
@@ -74,7 +74,7 @@ GRIDS = {
         "max_pair gd+isd": ("max_pair", "gd+isd", []),
         "max_pair all": ("max_pair", "all", []),
     },
-    # One factor at a time around the starting values of SPEC 3, on max_pair with every loss.
+    # One factor at a time around the starting values of METHOD.md §3, on max_pair with every loss.
     # Judged by validation RSUM (the test split is kept for the ablation table).
     "tune": {
         "start: con 1, gd/isd 0.01": ("max_pair", "all", ["loss.con.weight=1", *START_GD_ISD]),
@@ -174,7 +174,7 @@ def main(argv=None):
     try:
         jobs = plan_jobs(configurations, datasets, seeds, budget, args.overrides, out, threads, args.quick)
         finished = read_results(results_path)
-    except (*USER_ERRORS, ValueError) as error:     # a bad override or preset, a CSV of other columns
+    except (ConfigError, ValueError) as error:     # a bad override or preset, a CSV of other columns
         print(f"error: {error}", file=sys.stderr)
         return 2
     if len({run_name(job["label"], job["seed"]) for job in jobs}) != len(jobs):

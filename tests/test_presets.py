@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import config
 import train
-from evaluate import load_checkpoint
+from model import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -61,7 +62,7 @@ def test_every_paper_row_has_a_preset():
 @pytest.mark.parametrize("preset", [p for p in PRESETS if "shapes" not in os.path.basename(p)],
                          ids=os.path.basename)
 def test_paper_presets_keep_the_spec_loss_weights_not_the_ones_tuned_on_shapes(preset):
-    loss = train.load_config(preset)["loss"]
+    loss = config.load_config(preset)["loss"]
     assert loss["con"]["weight"] == 0
     assert loss["gd"] == {"weight": 0.01, "scale": 10.0, "delta": 0.5}
     assert loss["isd"] == {"weight": 0.01, "scale": 10.0, "delta": 0.3}
@@ -71,7 +72,7 @@ def test_paper_presets_keep_the_spec_loss_weights_not_the_ones_tuned_on_shapes(p
 @pytest.mark.parametrize("preset", [p for p in PRESETS if "shapes" not in os.path.basename(p)],
                          ids=lambda p: os.path.basename(p))
 def test_preset_builds_and_trains_one_step_on_fake_data_of_the_right_shapes(preset, tmp_path):
-    cfg = train.load_config(preset)
+    cfg = config.load_config(preset)
     assert cfg["train"]["batch_size"] == 200 and cfg["train"]["epochs"] == 80
     assert cfg["model"]["embed_dim"] == 1024 and cfg["model"]["num_embeds"] == 4
     overrides = [f"run.out_dir={tmp_path / 'runs'}", "run.num_threads=2", "data.num_workers=0",
@@ -97,10 +98,11 @@ def test_preset_builds_and_trains_one_step_on_fake_data_of_the_right_shapes(pres
 
 
 def test_crowded_shapes_preset_generates_4_to_6_objects_captioned_1_or_2_at_a_time_in_its_own_folder(tmp_path):
-    from data import generate_shapes, shapes_params
+    from data import shapes_params
+    from shapes import generate_shapes
     preset = os.path.join(REPO, "configs", "shapes_crowded.yaml")
-    cfg = train.load_config(preset)
-    default = train.load_config()
+    cfg = config.load_config(preset)
+    default = config.load_config()
     assert cfg["data"]["root"] != default["data"]["root"] and cfg["run"]["name"] != default["run"]["name"]
     assert {k: v for k, v in cfg.items() if k not in ("data", "run")} == \
         {k: v for k, v in default.items() if k not in ("data", "run")}        # model, loss, training: config.yaml's
