@@ -5,7 +5,8 @@
 
 Every test image and caption is encoded once as a set; the (N_img, N_cap) score matrix comes from
 `similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch).
-i2t ranks the best-ranked of an image's ground-truth captions, t2i the caption's image. MS-COCO
+i2t ranks the best-ranked of an image's ground-truth captions, t2i the caption's image; ties count
+against the ground truth (`retrieval_metrics`). `--out` writes the layout of test_metrics.json. MS-COCO
 prints "1K" (the mean of five folds of 1,000 images; RSUM = sum of the averaged recalls) and "5K".
 """
 import argparse
@@ -24,22 +25,53 @@ class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message names it and says why."""
 
 
+class FlagError(Exception):
+    """A bad command-line flag or flag value (argparse's complaints included)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises FlagError instead of printing its usage and exiting, so a bad flag
+    ends as one line `error: ...` and exit code 2 like every other user error."""
+
+    def error(self, message):
+        raise FlagError(f"{message} (see --help)")
+
+
 def retrieval_metrics(scores, caption_to_image):
     """Recall@{1,5,10} both ways (percent), RSUM, median and mean ranks.
 
     scores (N_img, N_cap); caption_to_image (N_cap,) long, the image index of every caption.
-    Ranks count the items scored strictly higher than the ground truth (ties favour it).
+    Ties count AGAINST the ground truth (METHOD.md §5): the rank of the ground truth (0 = first)
+    is the number of OTHER items scoring greater than or equal to it.
+    - i2t: the threshold of image i is the score of its best ground-truth caption; its rank is
+      the number of captions of other images scoring >= that threshold in row i (its own other
+      captions do not count).
+    - t2i: the threshold of caption j is the score of its own image; its rank is the number of
+      other images scoring >= that threshold in column j.
+    A collapsed model (all scores equal) therefore ranks every ground truth last, never first.
+    On tie-free scores this is the standard VSE++ ranking. Ranks depend only on the ground-truth
+    scores and on whether each entry is >= its row's and its column's threshold, so a matrix whose
+    non-ground-truth entries are replaced by bounds on the same side of both thresholds gives the
+    same metrics. NaN scores raise ValueError (they would compare as neither better nor worse).
     """
-    scores = scores.float()
-    caption_to_image = caption_to_image.to(scores.device)
-    gt = torch.zeros_like(scores, dtype=torch.bool)
-    gt[caption_to_image, torch.arange(scores.shape[1], device=scores.device)] = True
-    best_gt_caption = scores.masked_fill(~gt, float("-inf")).amax(dim=1, keepdim=True)   # (N_img, 1)
-    if torch.isinf(best_gt_caption).any():
+    scores = scores if scores.dtype == torch.float64 else scores.float()   # half precision would add ties
+    if torch.isnan(scores).any():
+        raise ValueError("NaN in the score matrix: ranks would be meaningless")
+    num_images, num_captions = scores.shape
+    caption_to_image = caption_to_image.to(scores.device).long()
+    if caption_to_image.shape != (num_captions,):
+        raise ValueError(f"caption_to_image has shape {tuple(caption_to_image.shape)}, expected ({num_captions},)")
+    if torch.bincount(caption_to_image, minlength=num_images).eq(0).any():
         raise ValueError("every image needs at least one caption in caption_to_image")
-    i2t_ranks = (scores > best_gt_caption).sum(dim=1)                                     # (N_img,)
-    gt_image_score = scores.gather(0, caption_to_image.unsqueeze(0))                      # (1, N_cap)
-    t2i_ranks = (scores > gt_image_score).sum(dim=0)                                      # (N_cap,)
+    gt_scores = scores[caption_to_image, torch.arange(num_captions, device=scores.device)]   # (N_cap,)
+    best_gt_caption = scores.new_full((num_images,), float("-inf")).scatter_reduce(
+        0, caption_to_image, gt_scores, reduce="amax")                                       # (N_img,)
+    # i2t: all captions >= the threshold, minus the image's own captions >= it (at least its best one)
+    own_at_or_above = torch.zeros(num_images, dtype=torch.long, device=scores.device).scatter_add(
+        0, caption_to_image, (gt_scores >= best_gt_caption[caption_to_image]).long())
+    i2t_ranks = (scores >= best_gt_caption[:, None]).sum(dim=1) - own_at_or_above          # (N_img,)
+    # t2i: all images >= the threshold, minus the caption's own image (equal to it)
+    t2i_ranks = (scores >= gt_scores[None, :]).sum(dim=0) - 1                               # (N_cap,)
     metrics = {}
     for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         for k in (1, 5, 10):
@@ -117,27 +149,56 @@ def evaluate_model(model, cfg, loader, device, method=None, options=None, progre
     """Encode the loader's split, score it, and return {protocol: metrics} plus 'collapse', 'method'.
 
     'all' ranks within the whole split (for 5,000 MS-COCO images: the 5K protocol); 5,000
-    MS-COCO images also give '1k', the mean over five folds of 1,000.
+    MS-COCO images also give '1k', the mean over five folds of 1,000. This dict is the one JSON
+    layout of test_metrics.json and `evaluate.py --out` (see `write_results`).
     """
-    method = method or cfg["eval"]["method"] or cfg["loss"]["similarity"]
-    if options is None:
-        options = cfg["eval"]["similarity_options"]
-        if options is None:
-            options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
-    amp = cfg["train"]["amp"]
+    method, options = similarity_settings(cfg, method, options)
     image_sets, image_globals, caption_sets, caption_globals, caption_to_image = encode_split(
-        model, loader, device, amp)
+        model, loader, device, cfg["train"]["amp"])
     scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
-                          progress=progress, **(options or {}))
-    results = {"all": retrieval_metrics(scores, caption_to_image)}
-    if cfg["data"]["dataset"] in ("coco", "precomputed") and image_sets.shape[0] == COCO_TEST_IMAGES:
-        results["1k"] = five_fold_metrics(scores, caption_to_image, fold_size=COCO_FOLD_IMAGES)
+                          progress=progress, **options)
+    results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
     results["collapse"] = {
         "image": collapse_diagnostics(image_sets, image_globals),
         "caption": collapse_diagnostics(caption_sets, caption_globals),
     }
     results["method"] = method
     return results
+
+
+def ranking_results(scores, caption_to_image, dataset):
+    """{'all': metrics} plus '1k' (five folds) for a 5,000-image MS-COCO split."""
+    results = {"all": retrieval_metrics(scores, caption_to_image)}
+    if dataset in ("coco", "precomputed") and scores.shape[0] == COCO_TEST_IMAGES:
+        results["1k"] = five_fold_metrics(scores, caption_to_image, fold_size=COCO_FOLD_IMAGES)
+    return results
+
+
+def similarity_settings(cfg, method=None, options=None):
+    """The similarity method and options to evaluate with: the arguments, else eval.method and
+    eval.similarity_options, else the trained loss.similarity with its options."""
+    method = method or cfg["eval"]["method"] or cfg["loss"]["similarity"]
+    if options is None:
+        options = cfg["eval"]["similarity_options"]
+        if options is None:
+            options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
+    return method, dict(options or {})
+
+
+def check_similarity(method, options, num_embeds):
+    """Raise FlagError for an unknown method or a bad option, before anything is encoded."""
+    sets = torch.nn.functional.normalize(torch.randn(2, num_embeds, 4), dim=-1)
+    try:
+        score_matrix(sets, sets, method=method, **options)
+    except (ValueError, TypeError) as error:
+        raise FlagError(f"similarity {method!r}: {error}") from None
+
+
+def write_results(results, path):
+    """The results dict as JSON: {"all": {...}, "1k": {...} (5,000-image COCO splits only),
+    "collapse": {"image": {...}, "caption": {...}}, "method": "..."}."""
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
 
 
 def format_results(results, title=""):
@@ -175,28 +236,30 @@ def load_checkpoint(path):
 
 def main(argv=None):
     from train import USER_ERRORS, apply_overrides, build_eval_context, checkpoint_config
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
     parser.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
     parser.add_argument("--method", default=None, help="similarity for scoring (default: the trained one)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
-    args, rest = parser.parse_known_args(argv)
-    overrides = [arg[2:] if arg.startswith("--") else arg for arg in rest]
-    overrides = join_flag_values(overrides)
     try:
+        args, rest = parser.parse_known_args(argv)
+        overrides = [arg[2:] if arg.startswith("--") else arg for arg in rest]
+        overrides = join_flag_values(overrides)
         checkpoint = load_checkpoint(args.ckpt)
         cfg = apply_overrides(checkpoint_config(checkpoint, args.ckpt), overrides)
+        method, options = similarity_settings(cfg, args.method)
+        check_similarity(method, options, cfg["model"]["num_embeds"])
         split = args.split or cfg["data"]["test_split"]
         model, loader, device = build_eval_context(cfg, checkpoint, split)
-        results = evaluate_model(model, cfg, loader, device, method=args.method, progress=args.progress)
-    except USER_ERRORS as error:
+        results = evaluate_model(model, cfg, loader, device, method=method, options=options,
+                                 progress=args.progress)
+    except (FlagError, *USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_results(results, title=f"{args.ckpt} | split {split}"))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_results(results, args.out)
     return 0
 
 

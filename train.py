@@ -12,7 +12,8 @@ every caption with `similarity.pairwise_similarity` (exact max_pair by default) 
 `train.batch_size` is the GLOBAL number of images per step.
 
 A run directory `<run.out_dir>/<run.name>` holds config.yaml, log.jsonl, last.pt, best.pt (by
-validation RSUM) and, at the end, test_metrics.json. Checkpoints are written atomically.
+validation RSUM, ties counted against the ground truth as in evaluate.py) and, at the end,
+test_metrics.json (the layout of `evaluate.py --out`). Checkpoints are written atomically.
 """
 import argparse
 import copy
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, prepare_data,
                   set_loader_epoch, training_captions)
 from evaluate import (CheckpointError, autocast, evaluate_model, format_results, load_checkpoint,
-                      move_to)
+                      move_to, write_results)
 from losses import maxmatch_loss
 from model import ModelError, build_model
 from similarity import METHODS, pairwise_similarity
@@ -331,8 +332,7 @@ def final_test(cfg, run_dir, device):
     model, loader, device = build_eval_context(cfg, checkpoint, cfg["data"]["test_split"], device)
     results = evaluate_model(model, cfg, loader, device)
     print(format_results(results, title=f"test split, best checkpoint (epoch {checkpoint['epoch']})"), flush=True)
-    with open(os.path.join(run_dir, "test_metrics.json"), "w") as handle:    # 'all' flat, '1k' etc. as keys
-        json.dump({**results["all"], **{k: v for k, v in results.items() if k != "all"}}, handle, indent=2)
+    write_results(results, os.path.join(run_dir, "test_metrics.json"))     # the layout of evaluate.py --out
     return results
 
 

@@ -1,5 +1,6 @@
 """train.py / evaluate.py end to end on tiny data: config handling, a CPU run, exact resume,
 DDP equivalence, interruption, and the one-line errors a user can cause."""
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import train
 from evaluate import load_checkpoint
 
@@ -104,7 +106,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(tmp_path):
+def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(tmp_path, capsys):
     result = run_cli(["train.py", *tiny_overrides(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "run"
@@ -119,12 +121,39 @@ def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(t
     evaluated = run_cli(["evaluate.py", "--ckpt", str(run_dir / "best.pt"), "--out", str(out)])
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "intra-set cos" in evaluated.stdout
-    import json
-    metrics = json.loads(out.read_text())
-    saved = json.loads((run_dir / "test_metrics.json").read_text())
-    assert metrics["all"]["rsum"] == pytest.approx(saved["rsum"], abs=1e-6)
-    greedy = run_cli(["evaluate.py", "--ckpt", str(run_dir / "best.pt"), "--method", "greedy", "--split", "val"])
-    assert greedy.returncode == 0 and "similarity: greedy" in greedy.stdout
+    # one JSON layout: test_metrics.json and evaluate.py --out agree key for key
+    assert_same_results(json.loads((run_dir / "test_metrics.json").read_text()), json.loads(out.read_text()))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # as the run (run.num_threads=1): the same float rounding
+    try:
+        # validation (best.pt selection) ranks by the same rule: best.pt's epoch has the best logged
+        # val RSUM, and evaluating best.pt on val reproduces that epoch's logged metrics
+        epochs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        epochs = [entry for entry in epochs if "val" in entry]
+        best = max(epochs, key=lambda entry: entry["val"]["rsum"])
+        assert best["epoch"] == checkpoint["epoch"]
+        val_out = tmp_path / "val.json"
+        assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--split", "val", "--out", str(val_out)]) == 0
+        assert_same_results({"all": best["val"], "collapse": best["collapse"]},
+                            {k: v for k, v in json.loads(val_out.read_text()).items() if k != "method"})
+        assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--method", "greedy", "--split", "val"]) == 0
+        assert "similarity: greedy" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_results(first, second):
+    """Same nested keys; the same numbers up to float rounding (recalls are multiples of 100/N)."""
+    assert isinstance(first, dict) == isinstance(second, dict)
+    if isinstance(first, dict):
+        assert first.keys() == second.keys()
+        for key in first:
+            assert_same_results(first[key], second[key])
+    elif isinstance(first, float):
+        assert first == pytest.approx(second, abs=1e-5)
+    else:
+        assert first == second
 
 
 @pytest.mark.parametrize("stop_after, saved_at", [(5, (1, 1)), (4, (0, 4))], ids=["mid_epoch", "epoch_end"])
