@@ -15,7 +15,6 @@ A run directory `<run.out_dir>/<run.name>` holds config.yaml, log.jsonl, last.pt
 validation RSUM, ties counted against the ground truth as in evaluate.py) and, at the end,
 test_metrics.json (the layout of `evaluate.py --out`). Checkpoints are written atomically.
 """
-import argparse
 import copy
 import json
 import math
@@ -32,8 +31,8 @@ from tqdm import tqdm
 
 from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, prepare_data,
                   set_loader_epoch, training_captions)
-from evaluate import (CheckpointError, autocast, evaluate_model, format_results, load_checkpoint,
-                      move_to, write_results)
+from evaluate import (ArgumentParser, CheckpointError, FlagError, autocast, evaluate_model, format_results,
+                      load_checkpoint, move_to, write_results)
 from losses import maxmatch_loss
 from model import ModelError, build_model
 from similarity import METHODS, pairwise_similarity
@@ -54,20 +53,25 @@ USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingErro
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train MaxMatch; overrides are key.sub=value")
-    parser.add_argument("--config", default=None, help="YAML merged over config.yaml (default: config.yaml)")
-    parser.add_argument("--resume", default=None, help="'auto' (<run dir>/last.pt if present) or a checkpoint path")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
-    args = parser.parse_args(argv)
     try:
+        args = parse_command_line(argv)
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume)
-    except USER_ERRORS as error:
+    except (FlagError, *USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         return stop.exit_code
     return 0
+
+
+def parse_command_line(argv=None):
+    """--config, --resume and key.sub=value overrides, in any order (overrides keep their order)."""
+    parser = ArgumentParser(description="Train MaxMatch; overrides are key.sub=value", allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML merged over config.yaml (default: config.yaml)")
+    parser.add_argument("--resume", default=None, help="'auto' (<run dir>/last.pt if present) or a checkpoint path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    return parser.parse_intermixed_args(argv)
 
 
 # ----------------------------------------------------------------------------- configuration

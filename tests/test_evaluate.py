@@ -1,5 +1,6 @@
 """evaluate.py: retrieval metrics against brute force (ties counted against the ground truth),
 COCO 5-fold 1K, collapse diagnostics."""
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 
 import evaluate
 import train
-from evaluate import collapse_diagnostics, five_fold_metrics, join_flag_values, retrieval_metrics
+from evaluate import collapse_diagnostics, five_fold_metrics, retrieval_metrics, score_matrix, separate_overrides
 from model import build_model
 from test_train import tiny_overrides, write_precomputed
 
@@ -190,8 +191,17 @@ def test_collapse_diagnostics_separate_collapsed_from_spread_sets():
     assert c["log_set_variance"] < -20
 
 
-def test_flag_style_overrides_become_dotted_overrides():
-    assert join_flag_values(["data.root", "/x", "eval.chunk_size=64"]) == ["data.root=/x", "eval.chunk_size=64"]
+def test_overrides_and_flags_separate_in_any_order():
+    parser = evaluate.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--ckpt", nargs="+")
+    parser.add_argument("--out")
+    argv = ["eval.chunk_size=64", "--ckpt", "a.pt", "b.pt", "data.root=/x", "c.pt", "--data.image_dir", "/img",
+            "--out=m.json", "--eval.batch_size=8", "train.lr=1e-3"]
+    flags, overrides = separate_overrides(argv, parser)
+    assert flags == ["--ckpt", "a.pt", "b.pt", "c.pt", "--out=m.json"]
+    assert overrides == ["eval.chunk_size=64", "data.root=/x", "data.image_dir=/img", "eval.batch_size=8",
+                         "train.lr=1e-3"]
+    assert parser.parse_args(flags).ckpt == ["a.pt", "b.pt", "c.pt"]
 
 
 @pytest.mark.parametrize("dataset, protocols", [("coco", {"all", "1k"}), ("f30k", {"all"})])
@@ -233,11 +243,11 @@ def test_a_collapsed_model_scores_zero_recall_in_all_and_1k(monkeypatch):
 
 # ----------------------------------------------------------------------------- command line
 
-def untrained_checkpoint(tmp_path, name="model.pt", seed=0):
+def untrained_checkpoint(tmp_path, name="model.pt", seed=0, extra=()):
     """A checkpoint of a freshly initialised tiny model on tiny precomputed data (no training)."""
     if not (tmp_path / "precomp").exists():
         write_precomputed(tmp_path / "precomp")
-    cfg = train.load_config(None, tiny_overrides(tmp_path, dataset="precomputed"))
+    cfg = train.load_config(None, tiny_overrides(tmp_path, dataset="precomputed") + list(extra))
     vocab = train.make_vocabulary(cfg)
     torch.manual_seed(seed)
     model = build_model(cfg, vocab)
@@ -277,3 +287,66 @@ def test_unknown_method_on_the_command_line_is_one_line_not_a_traceback(tmp_path
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+def averaged_score_metrics(paths, split="test"):
+    """The ensemble computed here from scratch: every checkpoint's score matrix, their mean, ranked."""
+    matrices = []
+    for path in paths:
+        checkpoint = evaluate.load_checkpoint(path)
+        cfg = train.checkpoint_config(checkpoint, path)
+        model, loader, device = train.build_eval_context(cfg, checkpoint, split)
+        image_sets, _, caption_sets, _, owners = evaluate.encode_split(model, loader, device)
+        matrices.append(score_matrix(image_sets, caption_sets, method=cfg["loss"]["similarity"]))
+    return retrieval_metrics(sum(matrices) / len(matrices), owners)
+
+
+def test_an_ensemble_of_a_checkpoint_with_itself_has_its_metrics(tmp_path):
+    path = untrained_checkpoint(tmp_path)
+    out = tmp_path / "ensemble.json"
+    assert evaluate.main(["--ckpt", path, path, "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert [model["ckpt"] for model in written["models"]] == [path, path]
+    assert written["ensemble"]["all"] == written["models"][0]["all"] == written["models"][1]["all"]
+    single = tmp_path / "single.json"
+    assert evaluate.main(["--ckpt", path, "--out", str(single)]) == 0
+    single_results = json.loads(single.read_text())
+    assert written["models"][0] == {"ckpt": path, "split": "test", **single_results}   # the one layout, plus names
+
+
+def test_an_ensemble_of_two_models_ranks_their_averaged_score_matrices(tmp_path, capsys):
+    first, second = untrained_checkpoint(tmp_path, "a.pt", seed=0), untrained_checkpoint(tmp_path, "b.pt", seed=1)
+    out = tmp_path / "ensemble.json"
+    assert evaluate.main(["--ckpt", first, second, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[2:5]] == [first, second, "ensemble"]
+    written = json.loads(out.read_text())
+    assert written["ensemble"]["all"] == averaged_score_metrics([first, second])
+    assert written["models"][0]["all"] != written["models"][1]["all"]      # two different models
+
+
+@pytest.mark.parametrize("difference, message", [
+    ("data.test_split=dev", "split 'dev'"),
+    ("data.root=OTHER", "images differ"),
+], ids=["split", "dataset"])
+def test_an_ensemble_of_checkpoints_on_different_data_is_one_line(tmp_path, capsys, difference, message):
+    first = untrained_checkpoint(tmp_path, "a.pt")
+    other_root = tmp_path / "other"
+    write_precomputed(other_root / "precomp", seed=1)
+    second = untrained_checkpoint(tmp_path, "b.pt", extra=[difference.replace("OTHER", str(other_root / "precomp"))])
+    assert evaluate.main(["--ckpt", first, second]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoints ") and first in err and second in err and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_overrides_before_and_after_ckpt_reach_every_checkpoint(tmp_path):
+    first, second = untrained_checkpoint(tmp_path, "a.pt", seed=0), untrained_checkpoint(tmp_path, "b.pt", seed=1)
+    for argv, method in ((["eval.method=greedy", "--ckpt", first, second], "greedy"),
+                         (["--ckpt", first, second, "eval.method=chamfer", "--split", "dev"], "chamfer")):
+        out = tmp_path / f"{method}.json"
+        assert evaluate.main([*argv, "--out", str(out)]) == 0
+        written = json.loads(out.read_text())
+        assert [(m["ckpt"], m["method"]) for m in written["models"]] == [(first, method), (second, method)]

@@ -97,6 +97,29 @@ def test_impossible_combinations_are_rejected_before_training():
         train.validate_config(train.load_config(None, ["loss.similarity=hungarian"]), world_size=1)
 
 
+@pytest.mark.parametrize("argv", [
+    ["train.epochs=1", "--resume", "auto", "model.num_embeds=2"],
+    ["--resume", "auto", "train.epochs=1", "model.num_embeds=2"],
+    ["train.epochs=1", "model.num_embeds=2", "--resume", "auto"],
+    ["train.epochs=1", "--resume=auto", "model.num_embeds=2"],
+])
+def test_flags_and_overrides_come_in_any_order(argv):
+    args = train.parse_command_line(argv + ["--config", "x.yaml", "train.epochs=4"])
+    assert (args.config, args.resume) == ("x.yaml", "auto")
+    assert args.overrides == ["train.epochs=1", "model.num_embeds=2", "train.epochs=4"]    # order kept: last wins
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume"], "argument --resume: expected one argument"),
+    (["--nosuch", "x"], "unrecognized arguments: --nosuch"),
+    (["--res", "auto"], "unrecognized arguments: --res"),
+])
+def test_bad_train_flags_give_one_line_and_exit_2(capsys, argv, message):
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     multiplier = train.cosine_with_warmup(total_steps=110, warmup_steps=10)
     assert multiplier(0) == pytest.approx(0.1) and multiplier(9) == pytest.approx(1.0)
@@ -166,7 +189,7 @@ def test_resuming_gives_the_same_weights_as_training_straight(tmp_path, stop_aft
     assert first == 0
     state = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))["state"]
     assert (state["epoch"], state["step"]) == saved_at       # (epochs done, steps into the next one)
-    second = train.main(base + ["run.name=resumed", "--resume", "auto"])
+    second = train.main([*base[:3], "--resume", "auto", *base[3:], "run.name=resumed"])   # overrides on both sides
     assert second == 0
     assert_same_weights(weights(tmp_path / "runs" / "straight" / "last.pt"),
                         weights(tmp_path / "runs" / "resumed" / "last.pt"))
@@ -298,6 +321,6 @@ def test_resuming_with_another_model_config_names_the_difference(tmp_path, capsy
     write_precomputed(tmp_path / "precomp")
     base = tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]
     assert train.main(base) == 0
-    assert train.main(base + ["model.num_embeds=3", "--resume", "auto"]) == 2
+    assert train.main([*base[:2], "--resume", "auto", *base[2:], "model.num_embeds=3"]) == 2
     message = capsys.readouterr().err
     assert "model.num_embeds: 2 -> 3" in message and "another model config" in message
