@@ -162,6 +162,9 @@ def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(t
                             {k: v for k, v in json.loads(val_out.read_text()).items() if k != "method"})
         assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--method", "greedy", "--split", "val"]) == 0
         assert "similarity: greedy" in capsys.readouterr().out
+        # an ensemble over image files (the shapes path): best.pt and last.pt share the test split
+        assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), str(run_dir / "last.pt")]) == 0
+        assert "ensemble: mean of 2 score matrices" in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
 
