@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
+import config
 import evaluate
 import train
 from evaluate import collapse_diagnostics, five_fold_metrics, retrieval_metrics, score_matrix, separate_overrides
-from model import build_model
+from model import build_model, load_checkpoint
 from test_train import tiny_overrides, write_precomputed
 
 
@@ -247,7 +248,7 @@ def untrained_checkpoint(tmp_path, name="model.pt", seed=0, extra=()):
     """A checkpoint of a freshly initialised tiny model on tiny precomputed data (no training)."""
     if not (tmp_path / "precomp").exists():
         write_precomputed(tmp_path / "precomp")
-    cfg = train.load_config(None, tiny_overrides(tmp_path, dataset="precomputed") + list(extra))
+    cfg = config.load_config(None, tiny_overrides(tmp_path, dataset="precomputed") + list(extra))
     vocab = train.make_vocabulary(cfg)
     torch.manual_seed(seed)
     model = build_model(cfg, vocab)
@@ -295,9 +296,9 @@ def averaged_score_metrics(paths, split="test"):
     """The ensemble computed here from scratch: every checkpoint's score matrix, their mean, ranked."""
     matrices = []
     for path in paths:
-        checkpoint = evaluate.load_checkpoint(path)
-        cfg = train.checkpoint_config(checkpoint, path)
-        model, loader, device = train.build_eval_context(cfg, checkpoint, split)
+        checkpoint = load_checkpoint(path)
+        cfg = config.checkpoint_config(checkpoint, path)
+        model, loader, device = evaluate.build_eval_context(cfg, checkpoint, split)
         image_sets, _, caption_sets, _, owners = evaluate.encode_split(model, loader, device)
         matrices.append(score_matrix(image_sets, caption_sets, method=cfg["loss"]["similarity"]))
     return retrieval_metrics(sum(matrices) / len(matrices), owners)
