@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt runs/shapes_maxmatch/best.pt
     python evaluate.py --ckpt best.pt --method greedy --split val --data.root /new/place --out m.json
+    python evaluate.py --ckpt best.pt --figures figs/     # also draw the sets (figures.py), figs/index.html
 
 Every test image and caption is encoded once as a set; the (N_img, N_cap) score matrix comes from
 `similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch).
@@ -14,6 +15,7 @@ import sys
 
 import torch
 
+from figures import FiguresError, check_figures_request, write_figures
 from similarity import score_matrix
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -113,11 +115,12 @@ def encode_split(model, loader, device, amp=None):
             torch.cat(caption_globals), torch.cat(owners))
 
 
-def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False):
+def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False, encoded=None):
     """Encode the loader's split, score it, and return {protocol: metrics} plus 'collapse', 'method'.
 
     'all' ranks within the whole split (for 5,000 MS-COCO images: the 5K protocol); 5,000
-    MS-COCO images also give '1k', the mean over five folds of 1,000.
+    MS-COCO images also give '1k', the mean over five folds of 1,000. `encoded`: encode_split's
+    output for this loader when the caller already has it (the split is then not encoded again).
     """
     method = method or cfg["eval"]["method"] or cfg["loss"]["similarity"]
     if options is None:
@@ -125,8 +128,8 @@ def evaluate_model(model, cfg, loader, device, method=None, options=None, progre
         if options is None:
             options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
     amp = cfg["train"]["amp"]
-    image_sets, image_globals, caption_sets, caption_globals, caption_to_image = encode_split(
-        model, loader, device, amp)
+    image_sets, image_globals, caption_sets, caption_globals, caption_to_image = (
+        encoded if encoded is not None else encode_split(model, loader, device, amp))
     scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
                           progress=progress, **(options or {}))
     results = {"all": retrieval_metrics(scores, caption_to_image)}
@@ -181,16 +184,25 @@ def main(argv=None):
     parser.add_argument("--method", default=None, help="similarity for scoring (default: the trained one)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
+    parser.add_argument("--figures", default=None, metavar="DIR", help="also draw the sets as PNGs + DIR/index.html")
+    parser.add_argument("--figures-count", type=int, default=8, metavar="N", help="images in the figures (default 8)")
     args, rest = parser.parse_known_args(argv)
     overrides = [arg[2:] if arg.startswith("--") else arg for arg in rest]
     overrides = join_flag_values(overrides)
     try:
+        if args.figures:
+            check_figures_request(args.figures, args.figures_count)   # before minutes of evaluation
         checkpoint = load_checkpoint(args.ckpt)
         cfg = apply_overrides(checkpoint_config(checkpoint, args.ckpt), overrides)
         split = args.split or cfg["data"]["test_split"]
         model, loader, device = build_eval_context(cfg, checkpoint, split)
-        results = evaluate_model(model, cfg, loader, device, method=args.method, progress=args.progress)
-    except USER_ERRORS as error:
+        encoded = encode_split(model, loader, device, cfg["train"]["amp"]) if args.figures else None
+        results = evaluate_model(model, cfg, loader, device, method=args.method, progress=args.progress,
+                                 encoded=encoded)
+        if args.figures:
+            write_figures(args.figures, model, cfg, loader, device, encoded, results, count=args.figures_count,
+                          title=f"{args.ckpt} | split {split}")
+    except USER_ERRORS + (FiguresError,) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_results(results, title=f"{args.ckpt} | split {split}"))
