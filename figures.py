@@ -80,8 +80,8 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, count=8
     """
     check_figures_request(out_dir, count)
     dataset = loader.dataset
-    image_sets, image_globals, caption_sets, caption_globals, caption_to_image = (
-        tensor.float().cpu() for tensor in encoded)
+    image_sets, _, caption_sets, _, caption_to_image = (
+        (tensor.float() if tensor.is_floating_point() else tensor).cpu() for tensor in encoded)
     if len(dataset) != image_sets.shape[0]:
         raise FiguresError(f"the loader has {len(dataset)} images but {image_sets.shape[0]} were encoded")
     indices = sample_images(len(dataset), count, cfg["run"]["seed"])
@@ -116,7 +116,7 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, count=8
                  "per element (darker = more weight).")
 
     for row, index in enumerate(indices):
-        caption = int((caption_to_image == index).nonzero()[0])
+        caption = first_caption(caption_to_image, index)
         cos = image_sets[index] @ caption_sets[caption].T                                 # (K_v, K_t)
         save_png(draw_matching(index, pictures[index], dataset_caption_text(dataset, tokenizer, index),
                                cos, matchings(cos, smooth_chamfer_alpha(cfg)),
@@ -382,8 +382,8 @@ def draw_matching(index, picture, caption_text, cos, chosen, scores):
     thumb = TILE // 2 if picture is not None else 0
     text_chars = (width - 2 * MARGIN - thumb - GAP) // CHAR
     intro = wrap(f"Image #{index} and its first caption: \"{caption_text}\"", text_chars)
-    intro += ["Rows: image set elements i1..iK; columns: caption set elements c1..cK; cell = their cosine.",
-              "Green frames: the pairs each matching chooses."]
+    intro += ["Rows: image set elements i1..iK; columns: caption set elements c1..cK; cell = their cosine",
+              "(blue -1, white 0, red +1). Green frames: the pairs each matching chooses."]
     header = max(thumb, len(intro) * LINE) + GAP
     titles = matching_titles(chosen, panel)
     title_height = max(len(t) for t in titles.values()) * LINE + 2
@@ -456,7 +456,7 @@ def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, ca
     put_text(draw, (MARGIN, MARGIN + LINE), "Green frame: the caption's own image. Below each: rank, image, score.")
     for r, index in enumerate(queries):
         top = MARGIN + header + r * row_height
-        caption = int((caption_to_image == index).nonzero()[0])
+        caption = first_caption(caption_to_image, index)
         scores = score_matrix(image_sets, caption_sets[caption:caption + 1], method=method, **options)[:, 0]
         order = ranking(scores)
         rank = order.index(index) + 1
