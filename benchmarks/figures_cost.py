@@ -40,7 +40,7 @@ def main():
             ("score + metrics", lambda: evaluate_model(model, cfg, loader, device, encoded=encoded))]
     with tempfile.TemporaryDirectory() as folder:
         for count in args.count:
-            rows.append((f"figures, {count} images", lambda count=count: write_figures(
+            rows.append((f"figures of {count} image(s)", lambda count=count: write_figures(
                 folder, model, cfg, loader, device, encoded, results, count=count)))
         rows[-1][1]()                                                        # warm-up
         seconds = {name: median_seconds(run, args.repeat) for name, run in rows}

@@ -17,7 +17,7 @@ from evaluate import collapse_diagnostics, encode_split, evaluate_model
 from model import build_model, normalised_position_encoding
 from similarity import greedy_assignment, max_pair_assignment
 from test_model import tiny_batch, tiny_config
-from test_train import write_precomputed
+from test_train import run_cli as run_script, write_precomputed
 from train import build_eval_context, load_config, make_vocabulary
 
 K = 3
@@ -261,3 +261,12 @@ def test_figures_for_vit_patches_bert_words_and_region_bars(shapes_checkpoint, t
         ids = loader.dataset[0]["captions"][0]
         labels = figures.token_labels(loader.dataset.tokenizer, ids)
         assert labels[0] == "[CLS]" and labels[-1] == "[SEP]" and len(labels) == len(ids) > 3
+
+
+def test_cost_benchmark_prints_one_row_per_part(shapes_checkpoint):
+    checkpoint, _ = shapes_checkpoint
+    result = run_script(["benchmarks/figures_cost.py", "--ckpt", checkpoint, "--repeat", "1", "--count", "1", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| part", "| encode the split", "| score + metrics",
+                                                     "| figures of 1 image(s)", "| figures of 2 image(s)"]
