@@ -1,7 +1,7 @@
-"""Set-to-set similarity for set-based image-text retrieval (MaxMatch, ACL 2025; SPEC.md section 2).
+"""Set-to-set similarity for set-based image-text retrieval (MaxMatch, ACL 2025; METHOD.md §2).
 
 A set is K L2-normalised embeddings; two sets meet through their K_v x K_t cosine block
-C_ab = <v_a, t_b>. Methods (SPEC 2):
+C_ab = <v_a, t_b>. Methods (METHOD.md §2):
 
 - ``max_pair``  the paper's Maximal Pair Assignment Similarity: the EXACT maximum-weight
                 assignment pi* = argmax_pi sum_a C_{a,pi(a)}; score = mean of the matched cosines

@@ -17,9 +17,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from evaluate import encode_split, evaluate_model, load_checkpoint  # noqa: E402
+from config import checkpoint_config  # noqa: E402
+from evaluate import build_eval_context, encode_split, evaluate_model  # noqa: E402
 from figures import write_figures  # noqa: E402
-from train import build_eval_context, checkpoint_config  # noqa: E402
+from model import load_checkpoint  # noqa: E402
 
 
 def main():

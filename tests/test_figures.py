@@ -12,13 +12,14 @@ from PIL import Image
 
 import evaluate
 import figures
+from config import load_config
 from data import build_vocabulary, prepare_data, training_captions
-from evaluate import collapse_diagnostics, encode_split, evaluate_model
-from model import build_model, normalised_position_encoding
+from evaluate import build_eval_context, collapse_diagnostics, encode_split, evaluate_model
+from model import build_model, load_checkpoint, normalised_position_encoding
 from similarity import greedy_assignment, max_pair_assignment
 from test_model import tiny_batch, tiny_config
 from test_train import run_cli as run_script, write_precomputed
-from train import build_eval_context, load_config, make_vocabulary
+from train import make_vocabulary
 
 K = 3
 TINY = ["run.num_threads=1", "model.embed_dim=32", f"model.num_embeds={K}", "model.set_head.depth=2",
@@ -244,7 +245,7 @@ def test_figures_for_vit_patches_bert_words_and_region_bars(shapes_checkpoint, t
                                 "tokenizer": write_bert_tokenizer(str(tmp_path / "tokenizer"), words)}
         cfg["model"]["text"]["bert_config"]["vocab_size"] = len(words) + 5
         vocab = None
-    checkpoint = evaluate.load_checkpoint(write_checkpoint(tmp_path / "best.pt", cfg, vocab))
+    checkpoint = load_checkpoint(write_checkpoint(tmp_path / "best.pt", cfg, vocab))
     model, loader, device = build_eval_context(cfg, checkpoint, "test")
     encoded = encode_split(model, loader, device)
     results = evaluate_model(model, cfg, loader, device, encoded=encoded)
