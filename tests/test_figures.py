@@ -123,17 +123,18 @@ def test_figures_leave_the_printed_and_written_metrics_unchanged(shapes_checkpoi
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--figures-count", "0"], "--figures-count must be 1 or more"),
-    (["--figures-count", "-3"], "--figures-count must be 1 or more"),
-    (["--figures-dir-is-a-file"], "cannot be written"),
-], ids=["zero", "negative", "unwritable"])
+    (["--ckpt", "{ckpt}", "--figures", "{dir}", "--figures-count", "0"], "--figures-count must be 1 or more"),
+    (["--ckpt", "{ckpt}", "--figures", "{dir}", "--figures-count", "-3"], "--figures-count must be 1 or more"),
+    (["--ckpt", "{ckpt}", "--figures", "{file}/figs"], "cannot be written"),
+    (["--ckpt", "{ckpt}", "{ckpt}", "--figures", "{dir}"], "--figures draws one checkpoint"),
+], ids=["zero", "negative", "unwritable", "ensemble"])
 def test_bad_figure_requests_give_one_line_and_exit_2(shapes_checkpoint, tmp_path, capsys, args, message):
     checkpoint, _ = shapes_checkpoint
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    folder = str(blocker / "figs") if args == ["--figures-dir-is-a-file"] else str(tmp_path / "figs")
-    args = [] if args == ["--figures-dir-is-a-file"] else args
-    code, out, err = run_evaluate(capsys, "--ckpt", checkpoint, "--figures", folder, *args)
+    places = {"{ckpt}": checkpoint, "{dir}": str(tmp_path / "figs"), "{file}": str(blocker)}
+    args = [places.get(arg, arg).replace("{file}", str(blocker)) for arg in args]
+    code, out, err = run_evaluate(capsys, *args)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
