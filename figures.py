@@ -205,7 +205,7 @@ def smooth_chamfer_alpha(cfg):
 
 
 def evaluation_similarity(cfg, method):
-    """(method, options) exactly as evaluate.evaluate_model scores with `method`."""
+    """(method, options) as evaluate.similarity_settings gives them (figures.py cannot import evaluate.py)."""
     options = cfg["eval"]["similarity_options"]
     if options is None:
         options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
