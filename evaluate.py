@@ -3,6 +3,7 @@
     python evaluate.py --ckpt runs/shapes_maxmatch/best.pt
     python evaluate.py --ckpt best.pt --method greedy --split val --data.root /new/place --out m.json
     python evaluate.py --ckpt a.pt b.pt            # each model, then the ensemble (mean score matrix)
+    python evaluate.py --ckpt best.pt --figures figs/   # also draw the sets (figures.py), figs/index.html
 
 Every test image and caption is encoded once as a set; the (N_img, N_cap) score matrix comes from
 `similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch).
@@ -11,6 +12,7 @@ against the ground truth (`retrieval_metrics`). `--out` writes the layout of tes
 prints "1K" (the mean of five folds of 1,000 images; RSUM = sum of the averaged recalls) and "5K".
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -19,6 +21,7 @@ import torch
 
 from config import ConfigError, apply_overrides, checkpoint_config
 from data import DataError, build_loader, build_text_tokenizer, prepare_data
+from figures import FiguresError, check_figures_request, write_figures
 from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
 from similarity import score_matrix
 
@@ -168,22 +171,24 @@ def encode_split(model, loader, device, amp=None):
             torch.cat(caption_globals), torch.cat(owners))
 
 
-def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False):
+def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False, encoded=None):
     """Encode the loader's split, score it, and return {protocol: metrics} plus 'collapse', 'method'.
 
     'all' ranks within the whole split (for 5,000 MS-COCO images: the 5K protocol); 5,000
     MS-COCO images also give '1k', the mean over five folds of 1,000. This dict is the one JSON
-    layout of test_metrics.json and `evaluate.py --out` (see `write_results`).
+    layout of test_metrics.json and `evaluate.py --out` (see `write_results`). `encoded`:
+    encode_split's output for this loader when the caller already has it.
     """
     method, options = similarity_settings(cfg, method, options)
-    scores, caption_to_image, collapse = score_split(model, cfg, loader, device, method, options, progress)
+    scores, caption_to_image, collapse = score_split(model, cfg, loader, device, method, options, progress,
+                                                     encoded)
     results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
     results["collapse"] = collapse
     results["method"] = method
     return results
 
 
-def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=False):
+def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=False, draw=None):
     """Evaluate each checkpoint and, for several, their ensemble: the mean of their score matrices.
 
     Each checkpoint encodes the split with its own config (plus `overrides`), vocabulary and
@@ -192,7 +197,8 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     {protocol: metrics, "method": "..."} ranked by `retrieval_metrics` like a single model. The
     sum is accumulated in place in the first model's matrix: one score matrix plus the one being
     added are in memory at a time. Checkpoints whose split differs (other images, captions,
-    caption counts or order) raise DataMismatchError naming the two.
+    caption counts or order) raise DataMismatchError naming the two. `draw(model, cfg, loader, device,
+    encoded, results)`, if given, is called for each model with its encoded split (--figures).
     """
     for path in paths:                      # a missing file fails before hours of encoding the others
         if not os.path.isfile(path):
@@ -211,12 +217,15 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
             reference = (path, model_split, signature)
         else:
             check_same_split(reference, (path, model_split, signature))
+        encoded = encode_split(model, loader, device, cfg["train"]["amp"]) if draw else None
         scores, caption_to_image, collapse = score_split(model, cfg, loader, device, model_method, options,
-                                                         progress)
-        del model
+                                                         progress, encoded)
         results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
         per_model.append({"ckpt": path, "split": model_split, **results, "collapse": collapse,
                           "method": model_method})
+        if draw:
+            draw(model, cfg, loader, device, encoded, per_model[-1])
+        del model, encoded
         if len(paths) > 1:
             if summed is None:
                 summed = scores                      # the first model's matrix becomes the accumulator
@@ -231,11 +240,12 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     return per_model, ensemble
 
 
-def score_split(model, cfg, loader, device, method, options, progress=False):
+def score_split(model, cfg, loader, device, method, options, progress=False, encoded=None):
     """Encode the split once and score it: scores (N_img, N_cap), caption_to_image (N_cap,), and the
-    collapse diagnostics {'image': ..., 'caption': ...}. The sets are freed on return."""
-    image_sets, image_globals, caption_sets, caption_globals, caption_to_image = encode_split(
-        model, loader, device, cfg["train"]["amp"])
+    collapse diagnostics {'image': ..., 'caption': ...}. The sets are freed on return unless the
+    caller passed them in as `encoded` (encode_split's output)."""
+    image_sets, image_globals, caption_sets, caption_globals, caption_to_image = (
+        encoded if encoded is not None else encode_split(model, loader, device, cfg["train"]["amp"]))
     scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
                           progress=progress, **options)
     collapse = {
@@ -360,12 +370,15 @@ def main(argv=None):
     parser.add_argument("--method", default=None, help="similarity for scoring (default: the trained one)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
+    parser.add_argument("--figures", default=None, metavar="DIR", help="also draw the sets as PNGs + DIR/index.html")
+    parser.add_argument("--figures-count", type=int, default=8, metavar="N", help="images in the figures (default 8)")
     try:
         flags, overrides = separate_overrides(sys.argv[1:] if argv is None else list(argv), parser)
         args = parser.parse_args(flags)
+        draw = figures_request(args)
         per_model, ensemble = evaluate_checkpoints(args.ckpt, overrides, split=args.split, method=args.method,
-                                                   progress=args.progress)
-    except USER_ERRORS as error:
+                                                   progress=args.progress, draw=draw)
+    except USER_ERRORS + (FiguresError,) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if ensemble is None:
@@ -380,6 +393,17 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def figures_request(args):
+    """None without --figures; else a check that DIR is writable (before any evaluation) and the
+    draw callback of evaluate_checkpoints that writes the figures of the one checkpoint into DIR."""
+    if args.figures is None:
+        return None
+    if len(args.ckpt) > 1:
+        raise FiguresError("--figures draws one checkpoint; give --ckpt a single path")
+    check_figures_request(args.figures, args.figures_count)
+    return functools.partial(write_figures, args.figures, count=args.figures_count, title=args.ckpt[0])
+
 
 def separate_overrides(argv, parser):
     """Split a command line into the parser's flags and key.sub=value overrides, in any order.
