@@ -183,6 +183,26 @@ def assert_same_results(first, second):
         assert first == second
 
 
+def test_one_seed_gives_two_methods_the_same_initial_weights_batches_and_random_draws(tmp_path):
+    # lr = 0 keeps every weight at its initial value while the steps still run: the ResNet's
+    # BatchNorm running statistics then record exactly which (cropped) images each step saw, and
+    # the checkpoint's RNG states show whether dropout drew the same numbers. A paired comparison
+    # of two similarities with one run.seed must differ in nothing else.
+    base = tiny_overrides(tmp_path) + ["train.lr=0", "train.stop_after_steps=3"]
+    for name, extra in (("max_pair", []), ("mil", ["loss.similarity=mil", "loss.gd.weight=0"]),
+                        ("seed1", ["run.seed=1"])):
+        assert train.main(base + [f"run.name={name}", *extra]) == 0
+    runs = {name: load_checkpoint(str(tmp_path / "runs" / name / "last.pt")) for name in ("max_pair", "mil", "seed1")}
+    assert_same_weights(runs["max_pair"]["model"], runs["mil"]["model"])
+    running_mean = "image_encoder.backbone.1.running_mean"
+    assert running_mean in runs["max_pair"]["model"]
+    assert runs["max_pair"]["model"][running_mean].abs().sum() > 0        # the batches did reach BatchNorm
+    assert runs["max_pair"]["rng"]["python"] == runs["mil"]["rng"]["python"]
+    assert torch.equal(runs["max_pair"]["rng"]["torch"], runs["mil"]["rng"]["torch"])
+    assert not torch.equal(runs["max_pair"]["model"][running_mean], runs["seed1"]["model"][running_mean])
+    assert not torch.equal(runs["max_pair"]["rng"]["torch"], runs["seed1"]["rng"]["torch"])
+
+
 @pytest.mark.parametrize("stop_after, saved_at", [(5, (1, 1)), (4, (0, 4))], ids=["mid_epoch", "epoch_end"])
 def test_resuming_gives_the_same_weights_as_training_straight(tmp_path, stop_after, saved_at):
     base = tiny_overrides(tmp_path, dataset="precomputed") + ["run.deterministic=true", "data.region_drop=0.3"]
