@@ -198,10 +198,10 @@ def test_one_seed_gives_two_methods_the_same_initial_weights_batches_and_random_
     running_mean = "image_encoder.backbone.1.running_mean"
     assert running_mean in runs["max_pair"]["model"]
     assert runs["max_pair"]["model"][running_mean].abs().sum() > 0        # the batches did reach BatchNorm
-    assert runs["max_pair"]["rng"]["python"] == runs["mil"]["rng"]["python"]
-    assert torch.equal(runs["max_pair"]["rng"]["torch"], runs["mil"]["rng"]["torch"])
+    assert runs["max_pair"]["rng"][0]["python"] == runs["mil"]["rng"][0]["python"]
+    assert torch.equal(runs["max_pair"]["rng"][0]["torch"], runs["mil"]["rng"][0]["torch"])
     assert not torch.equal(runs["max_pair"]["model"][running_mean], runs["seed1"]["model"][running_mean])
-    assert not torch.equal(runs["max_pair"]["rng"]["torch"], runs["seed1"]["rng"]["torch"])
+    assert not torch.equal(runs["max_pair"]["rng"][0]["torch"], runs["seed1"]["rng"][0]["torch"])
 
 
 @pytest.mark.parametrize("stop_after, saved_at", [(5, (1, 1)), (4, (0, 4))], ids=["mid_epoch", "epoch_end"])
