@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -307,9 +308,12 @@ def write_results(results, path):
     """The results dict as JSON: {"all": {...}, "1k": {...} (5,000-image COCO splits only),
     "collapse": {"image": {...}, "caption": {...}}, "method": "..."}. An ensemble writes
     {"models": [{"ckpt": path, "split": name, <that layout>}, ...], "ensemble": {"all": ..., "1k": ...,
-    "method": ...}}."""
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    "method": ...}}. A path that cannot be written raises FlagError."""
+    try:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
+    except OSError as error:
+        raise FlagError(f"--out {path!r} cannot be written ({error.strerror or error})") from None
 
 
 def build_eval_context(cfg, checkpoint, split, device=None):
@@ -375,6 +379,8 @@ def main(argv=None):
     try:
         flags, overrides = separate_overrides(sys.argv[1:] if argv is None else list(argv), parser)
         args = parser.parse_args(flags)
+        if args.out:
+            check_out_request(args.out)
         draw = figures_request(args)
         per_model, ensemble = evaluate_checkpoints(args.ckpt, overrides, split=args.split, method=args.method,
                                                    progress=args.progress, draw=draw)
@@ -388,7 +394,11 @@ def main(argv=None):
         results = {"models": per_model, "ensemble": ensemble}
         print(format_ensemble(per_model, ensemble))
     if args.out:
-        write_results(results, args.out)
+        try:
+            write_results(results, args.out)
+        except FlagError as error:      # e.g. the folder went away during the evaluation
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -403,6 +413,17 @@ def figures_request(args):
         raise FiguresError("--figures draws one checkpoint; give --ckpt a single path")
     check_figures_request(args.figures, args.figures_count)
     return functools.partial(write_figures, args.figures, count=args.figures_count, title=args.ckpt[0])
+
+
+def check_out_request(path):
+    """Raise FlagError unless a file can be written where --out points, before any evaluation."""
+    if os.path.isdir(path):
+        raise FlagError(f"--out {path!r} is a folder; give a JSON file name")
+    try:
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            pass
+    except OSError as error:
+        raise FlagError(f"--out {path!r} cannot be written ({error.strerror or error})") from None
 
 
 def separate_overrides(argv, parser):

@@ -371,3 +371,22 @@ def test_overrides_before_and_after_ckpt_reach_every_checkpoint(tmp_path):
         assert evaluate.main([*argv, "--out", str(out)]) == 0
         written = json.loads(out.read_text())
         assert [(m["ckpt"], m["method"]) for m in written["models"]] == [(first, method), (second, method)]
+
+
+def refuse_to_evaluate(monkeypatch):
+    def build_eval_context(*args, **kwargs):
+        raise AssertionError("evaluation started before the request was checked")
+    monkeypatch.setattr(evaluate, "build_eval_context", build_eval_context)
+
+
+def test_out_into_a_missing_folder_is_one_line_before_anything_is_evaluated(tmp_path, capsys, monkeypatch):
+    path = untrained_checkpoint(tmp_path)
+    refuse_to_evaluate(monkeypatch)
+    assert evaluate.main(["--ckpt", path, "--out", str(tmp_path / "missing" / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "missing" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_results_that_cannot_be_written_raise_the_one_line_error():
+    with pytest.raises(evaluate.FlagError, match="cannot be written"):
+        evaluate.write_results({"all": {}}, os.path.join("no", "such", "folder", "m.json"))
