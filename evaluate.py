@@ -204,12 +204,12 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     for path in paths:                      # a missing file fails before hours of encoding the others
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path!r} does not exist")
+    for path in paths:                      # so does a corrupt one, a bad config or a bad similarity
+        checkpoint_settings(load_checkpoint(path), path, overrides, method)
     per_model, summed, reference = [], None, None
     for path in paths:
         checkpoint = load_checkpoint(path)
-        cfg = apply_overrides(checkpoint_config(checkpoint, path), overrides)
-        model_method, options = similarity_settings(cfg, method)
-        check_similarity(model_method, options, cfg["model"]["num_embeds"])
+        cfg, model_method, options = checkpoint_settings(checkpoint, path, overrides, method)
         model_split = split or cfg["data"]["test_split"]
         model, loader, device = build_eval_context(cfg, checkpoint, model_split)
         del checkpoint
@@ -239,6 +239,15 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     ensemble = ranking_results(summed, caption_to_image, cfg["data"]["dataset"])
     ensemble["method"] = f"mean of {len(paths)} score matrices ({', '.join(r['method'] for r in per_model)})"
     return per_model, ensemble
+
+
+def checkpoint_settings(checkpoint, path, overrides, method):
+    """(config with `overrides`, similarity method, options) of a loaded checkpoint; raises the
+    user errors of a bad config or similarity."""
+    cfg = apply_overrides(checkpoint_config(checkpoint, path), overrides)
+    model_method, options = similarity_settings(cfg, method)
+    check_similarity(model_method, options, cfg["model"]["num_embeds"])
+    return cfg, model_method, options
 
 
 def score_split(model, cfg, loader, device, method, options, progress=False, encoded=None):

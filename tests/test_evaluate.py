@@ -390,3 +390,15 @@ def test_out_into_a_missing_folder_is_one_line_before_anything_is_evaluated(tmp_
 def test_results_that_cannot_be_written_raise_the_one_line_error():
     with pytest.raises(evaluate.FlagError, match="cannot be written"):
         evaluate.write_results({"all": {}}, os.path.join("no", "such", "folder", "m.json"))
+
+
+def test_a_corrupt_second_checkpoint_of_an_ensemble_fails_before_the_first_is_encoded(tmp_path, capsys,
+                                                                                      monkeypatch):
+    first, second = untrained_checkpoint(tmp_path, "a.pt"), untrained_checkpoint(tmp_path, "b.pt", seed=1)
+    with open(second, "r+b") as handle:
+        handle.truncate(100)
+    refuse_to_evaluate(monkeypatch)
+    assert evaluate.main(["--ckpt", first, second]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and second in err and len(err.strip().splitlines()) == 1, err
+
