@@ -340,38 +340,27 @@ def build_eval_context(cfg, checkpoint, split, device=None):
 
 def format_results(results, title=""):
     """A fixed-width table: one row per protocol, then the collapse diagnostics."""
-    header = f"{'':8s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
     lines = [title] if title else []
-    lines.append(header)
-    for name, metrics in results.items():
-        if name in ("collapse", "method"):
-            continue
-        row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
-        lines.append(f"{name:8s}{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}")
-    lines.append(f"similarity: {results.get('method')}   set collapse (intra-set cos | cos to global | log var "
-                 "| log circ var):")
-    for modality, diag in results["collapse"].items():
-        lines.append(f"  {modality:8s}{diag['intra_set_cos']:8.3f} | {diag['global_cos']:6.3f} | "
-                     f"{diag['log_set_variance']:7.3f} | {diag['log_circular_variance']:7.3f}")
+    lines.append(metrics_header(""))
+    lines += [f"{protocol:8s}{metrics_row(metrics)}" for protocol, metrics in results.items() if protocol in PROTOCOLS]
+    lines.append(f"similarity: {results.get('method')}   {COLLAPSE_HEADER}")
+    lines += [f"  {modality:8s}{collapse_row(diag)}" for modality, diag in results["collapse"].items()]
     return "\n".join(lines)
 
 
 def format_ensemble(per_model, ensemble):
-    """One table: a row per model and protocol, then the ensemble's; the collapse diagnostics below."""
+    """One table: a row per model and protocol, then the ensemble's; the collapse diagnostics below,
+    in the columns of format_results."""
     width = max(len("ensemble"), *(len(r["ckpt"]) for r in per_model)) + 2
-    header = f"{'':{width}s}{'':6s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
-    lines = [f"split {per_model[0]['split']}", header]
+    lines = [f"split {per_model[0]['split']}", metrics_header(f"{'':{width}s}")]
     for name, results in [(r["ckpt"], r) for r in per_model] + [("ensemble", ensemble)]:
-        for protocol, metrics in results.items():
-            if protocol in PROTOCOLS:
-                row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
-                lines.append(f"{name:{width}s}{protocol:6s}{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}")
+        lines += [f"{name:{width}s}{protocol:8s}{metrics_row(metrics)}"
+                  for protocol, metrics in results.items() if protocol in PROTOCOLS]
     lines.append(f"ensemble: {ensemble['method']}")
-    lines.append("set collapse (intra-set cos | cos to global | log var):")
+    lines.append(COLLAPSE_HEADER)
     for results in per_model:
-        for modality, diag in results["collapse"].items():
-            lines.append(f"  {results['ckpt']:{width}s}{modality:8s}{diag['intra_set_cos']:8.3f} | "
-                         f"{diag['global_cos']:6.3f} | {diag['log_set_variance']:7.3f}")
+        lines += [f"  {results['ckpt']:{width}s}{modality:8s}{collapse_row(diag)}"
+                  for modality, diag in results["collapse"].items()]
     return "\n".join(lines)
 
 
@@ -460,6 +449,24 @@ def separate_overrides(argv, parser):
             flags.append(arg)             # a flag's value, or a stray word argparse will name
         i += 1
     return flags, overrides
+
+
+COLLAPSE_HEADER = "set collapse (intra-set cos | cos to global | log var | log circ var):"
+
+
+def metrics_header(prefix):
+    """The column names of metrics_row, after `prefix` and an 8-character protocol column."""
+    return f"{prefix}{'':8s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
+
+
+def metrics_row(metrics):
+    row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
+    return f"{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}"
+
+
+def collapse_row(diag):
+    return (f"{diag['intra_set_cos']:8.3f} | {diag['global_cos']:6.3f} | {diag['log_set_variance']:7.3f} | "
+            f"{diag['log_circular_variance']:7.3f}")
 
 
 if __name__ == "__main__":

@@ -402,3 +402,14 @@ def test_a_corrupt_second_checkpoint_of_an_ensemble_fails_before_the_first_is_en
     err = capsys.readouterr().err
     assert err.startswith("error: ") and second in err and len(err.strip().splitlines()) == 1, err
 
+
+def test_the_ensemble_table_prints_the_collapse_columns_of_the_single_model_table():
+    metrics = {key: float(n) for n, key in enumerate(evaluate.RECALL_KEYS + ("rsum", "i2t_medr", "t2i_medr"))}
+    diag = {"intra_set_cos": 0.5, "global_cos": 0.25, "log_set_variance": -1.5, "log_circular_variance": -2.75}
+    model = {"ckpt": "a.pt", "split": "test", "all": metrics, "collapse": {"image": diag, "caption": diag},
+             "method": "max_pair"}
+    single = evaluate.format_results({k: v for k, v in model.items() if k not in ("ckpt", "split")}).splitlines()
+    ensemble = evaluate.format_ensemble([model], {"all": metrics, "method": "mean"}).splitlines()
+    assert single[-1].split() == ["caption", "0.500", "|", "0.250", "|", "-1.500", "|", "-2.750"]
+    assert ensemble[-1].split() == ["a.pt", *single[-1].split()]
+    assert "log circ var" in ensemble[-3] and single[-3].endswith(ensemble[-3])
