@@ -458,7 +458,7 @@ def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, ca
         top = MARGIN + header + r * row_height
         caption = first_caption(caption_to_image, index)
         scores = score_matrix(image_sets, caption_sets[caption:caption + 1], method=method, **options)[:, 0]
-        order = ranking(scores)
+        order = ranking(scores, [index])
         rank = order.index(index) + 1
         lines = wrap(f"\"{dataset_caption_text(dataset, tokenizer, index)}\"", 40)[:5]
         lines.append(f"(of image #{index}; its rank {rank})")
@@ -503,8 +503,8 @@ def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, captio
             put_text(draw, (MARGIN + 4, top + SMALL_TILE // 2 - 5), "regions")
         put_text(draw, (MARGIN, top + SMALL_TILE + 2), f"image #{index}")
         scores = score_matrix(image_sets[index:index + 1], caption_sets, method=method, **options)[0]
-        order = ranking(scores)
         own = set((caption_to_image == index).nonzero()[:, 0].tolist())
+        order = ranking(scores, own)
         for place, caption in enumerate(order[:TOP]):
             owner = int(caption_to_image[caption])
             if owner not in captions_of:
@@ -520,9 +520,15 @@ def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, captio
     return canvas
 
 
-def ranking(scores):
-    """Indices by decreasing score, ties in index order (a stable sort)."""
-    return torch.sort(scores, descending=True, stable=True).indices.tolist()
+def ranking(scores, ground_truth):
+    """Indices by decreasing score. Ties count against the ground truth, as in
+    evaluate.retrieval_metrics: on a tied score the other items come first (then index order), so
+    the shown rank of the first ground-truth item is the evaluation's (a collapsed model's constant
+    scores put it last, not first)."""
+    is_truth = torch.zeros(len(scores), dtype=torch.uint8)
+    is_truth[list(ground_truth)] = 1
+    truth_last = torch.sort(is_truth, stable=True).indices                      # the secondary key first
+    return truth_last[torch.sort(scores[truth_last], descending=True, stable=True).indices].tolist()
 
 
 def first_caption(caption_to_image, image):

@@ -207,6 +207,21 @@ def test_drawn_assignment_is_max_pair_assignment(k_v, k_t, seed):
             assert framed == (assignment[row].item() == column), (method, row, column)
 
 
+@pytest.mark.parametrize("decimals", [None, 1], ids=["constant", "rounded"])
+def test_drawn_ranks_count_ties_against_the_ground_truth_like_the_evaluation(decimals):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        scores = torch.zeros(12) if decimals is None else torch.rand(12, generator=generator).round(decimals=decimals)
+        truth = set(torch.randperm(12, generator=generator)[:1 + trial % 3].tolist())
+        order = figures.ranking(scores, truth)
+        assert sorted(order) == list(range(12))
+        assert all(scores[a] >= scores[b] for a, b in zip(order, order[1:]))
+        best = max(scores[t].item() for t in truth)
+        others_at_least = sum(1 for i in range(12) if i not in truth and scores[i].item() >= best)
+        assert min(order.index(t) for t in truth) + 1 == others_at_least + 1      # the evaluation's rank
+    assert figures.ranking(torch.zeros(4), [0]) == [1, 2, 3, 0]    # collapsed: its ground truth is drawn last
+
+
 def test_histogram_values_are_the_evaluated_intra_set_cosines():
     generator = torch.Generator().manual_seed(0)
     sets = torch.nn.functional.normalize(torch.randn(20, 4, 8, generator=generator), dim=-1)
