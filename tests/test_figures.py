@@ -1,5 +1,5 @@
 """figures.py through `evaluate.py --figures`: valid PNGs of the expected sizes, attention that sums
-to 1 over real positions, the drawn assignment is max_pair_assignment's, byte-identical reruns,
+to 1 over real positions, the drawn assignment is the brute-force maximal matching, byte-identical reruns,
 unchanged metrics, one-line errors; every image encoder and both text encoders."""
 import copy
 import itertools
@@ -16,7 +16,6 @@ from config import load_config
 from data import build_vocabulary, prepare_data, training_captions
 from evaluate import build_eval_context, collapse_diagnostics, encode_split, evaluate_model
 from model import build_model, load_checkpoint, normalised_position_encoding
-from similarity import greedy_assignment, max_pair_assignment
 from test_model import tiny_batch, tiny_config
 from test_train import run_cli as run_script, write_precomputed
 from train import make_vocabulary
@@ -189,15 +188,14 @@ def brute_force_best_sum(cos):
 
 
 @pytest.mark.parametrize("k_v, k_t, seed", [(3, 3, 0), (4, 4, 1), (3, 5, 2)])
-def test_drawn_assignment_is_max_pair_assignment(k_v, k_t, seed):
+def test_drawn_assignment_is_the_brute_force_maximal_matching(k_v, k_t, seed):
     generator = torch.Generator().manual_seed(seed)
     cos = torch.rand(k_v, k_t, generator=generator) * 2 - 1
     chosen = figures.matchings(cos, alpha=16.0)
-    assert torch.equal(chosen["max_pair"], max_pair_assignment(cos))
+    assert sorted(set(chosen["max_pair"].tolist())) == sorted(chosen["max_pair"].tolist())    # one-to-one
     assert sum(cos[r, c].item() for r, c in enumerate(chosen["max_pair"].tolist())) == pytest.approx(
         brute_force_best_sum(cos), abs=1e-6)
-    assert torch.equal(chosen["greedy"], greedy_assignment(cos))
-    assert torch.equal(chosen["smooth_chamfer"], (16.0 * cos).softmax(dim=1).argmax(dim=1))
+    assert torch.equal(chosen["smooth_chamfer"], cos.argmax(dim=1))      # the softmax keeps each row's order
     scores = {"max_pair": 0.5, "smooth_chamfer": 0.6, "greedy": 0.4}
     canvas, cells = figures.draw_matching(7, None, "a red star", cos, chosen, scores)
     pixels = canvas.load()
