@@ -424,9 +424,9 @@ def signal_during_evaluation(monkeypatch, at_call, signal_number):
 
 def test_a_signal_during_validation_stops_after_it_and_gives_the_handlers_back(tmp_path, monkeypatch):
     write_precomputed(tmp_path / "precomp", num_images=16)
-    signal_during_evaluation(monkeypatch, at_call=1, signal_number=signal.SIGTERM)
+    signal_during_evaluation(monkeypatch, at_call=1, signal_number=signal.SIGINT)
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    assert train.main(tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=3"]) == 128 + signal.SIGTERM
+    assert train.main(tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=3"]) == 128 + signal.SIGINT
     assert {number: signal.getsignal(number) for number in before} == before
     checkpoint = load_checkpoint(str(tmp_path / "runs" / "run" / "last.pt"))
     assert checkpoint["state"]["epoch"] == 1 and checkpoint["state"]["step"] == 0   # not one step of epoch 2
