@@ -387,7 +387,7 @@ def rank_rng_state(checkpoint, context, resume, run_dir):
 def synchronise_batchnorm(model, cfg, context):
     """model.image.batchnorm=sync: SyncBatchNorm across processes (CUDA only). One process: as batch."""
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if cfg["model"]["image"].get("batchnorm") != "sync" or context.world_size == 1 or not has_batchnorm:
+    if cfg["model"]["image"]["batchnorm"] != "sync" or context.world_size == 1 or not has_batchnorm:
         return model
     if context.device.type != "cuda":
         raise ConfigError("model.image.batchnorm=sync needs CUDA (torch's SyncBatchNorm cannot run on the "
