@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data import IMAGENET_MEAN, IMAGENET_STD
+from model import move_to
 from similarity import METHOD_OPTIONS, greedy_assignment, max_pair_assignment, pairwise_similarity, score_matrix
 
 # Layout in pixels. The bitmap font is 6 px per character and 11 px high.
@@ -71,12 +72,13 @@ def check_figures_request(out_dir, count):
         raise FiguresError(f"--figures {out_dir!r} cannot be written ({error.strerror or error})") from None
 
 
-def write_figures(out_dir, model, cfg, loader, device, encoded, results, count=8, title=""):
+def write_figures(out_dir, model, cfg, loader, device, encoded, results, options, count=8, title=""):
     """Draw every figure of the module docstring into out_dir; return the written file names.
 
     loader: the evaluation loader (unshuffled, so image i of `encoded` is dataset item i);
     encoded: evaluate.encode_split's (image_sets, image_globals, caption_sets, caption_globals,
-    caption_to_image) for that loader; results: evaluate_model's results (method, collapse).
+    caption_to_image) for that loader; results: evaluate_model's results (method, collapse);
+    options: the options of results["method"] the evaluation scored with.
     """
     check_figures_request(out_dir, count)
     dataset = loader.dataset
@@ -126,7 +128,7 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, count=8
                  "the matching smooth-Chamfer's soft weights favour (not one-to-one) and the greedy one, "
                  "with the three scores.")
 
-    method, options = evaluation_similarity(cfg, results["method"])
+    method = results["method"]
     queries = indices[:RETRIEVAL_QUERIES]
     save_png(draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image,
                                 method, options), out_dir, "retrieval_t2i.png", written,
@@ -159,8 +161,7 @@ def slot_attention(model, batch, device):
     float32 on the CPU. Each SetAttention.weights row sums to 1 over its mask's real positions.
     """
     model.eval()
-    moved = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-    outputs = model(moved, return_attention=True)
+    outputs = model(move_to(batch, device), return_attention=True)
     as_cpu = lambda t: (t.float() if t.is_floating_point() else t).cpu()  # noqa: E731 - masks stay bool
     return tuple(tuple(type(part)(*(as_cpu(t) for t in part)) for part in pair) for pair in outputs)
 
@@ -202,14 +203,6 @@ def method_options(cfg, method):
 
 def smooth_chamfer_alpha(cfg):
     return float(method_options(cfg, "smooth_chamfer")["alpha"])
-
-
-def evaluation_similarity(cfg, method):
-    """(method, options) as evaluate.similarity_settings gives them (figures.py cannot import evaluate.py)."""
-    options = cfg["eval"]["similarity_options"]
-    if options is None:
-        options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
-    return method, dict(options or {})
 
 
 def display_picture(item):

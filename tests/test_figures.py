@@ -263,7 +263,9 @@ def test_figures_for_vit_patches_bert_words_and_region_bars(shapes_checkpoint, t
     model, loader, device = build_eval_context(cfg, checkpoint, "test")
     encoded = encode_split(model, loader, device)
     results = evaluate_model(model, cfg, loader, device, encoded=encoded)
-    written = figures.write_figures(str(tmp_path / "figs"), model, cfg, loader, device, encoded, results, count=2)
+    options = evaluate.similarity_settings(cfg)[1]
+    written = figures.write_figures(str(tmp_path / "figs"), model, cfg, loader, device, encoded, results, options,
+                                    count=2)
     assert sorted(written) == figure_files(2)
     for name in written[:-1]:
         with Image.open(tmp_path / "figs" / name) as picture:
