@@ -14,15 +14,23 @@ C_ab = <v_a, t_b>. Methods (SPEC 2):
 For ``max_pair`` and ``greedy`` the assignment is found without gradient; the gradient reaches
 exactly the matched entries. Unequal set sizes match min(K_v, K_t) pairs.
 
-Exact assignment, all in plain torch: for small K every injective map rows -> columns is
-enumerated as ONE matrix product (cosine block flattened to K_v*K_t, times a 0/1 matrix with a
-column per permutation, then a max); for larger K a dynamic programme over subsets of columns
-(O(K 2^K) per problem) with the argmax kept for backtracking. Internally every problem batch is
-the LAST, contiguous dimension ("batch-last" layout (G, K_v, K_t, P)), so each step of either
-algorithm is a matrix product or a row copy + vector add/max over P problems.
+Exact assignment: for small K every injective map rows -> columns is enumerated as ONE matrix
+product (cosine block flattened to K_v*K_t, times a 0/1 matrix with a column per permutation,
+then a max); up to K = 9 a dynamic programme over subsets of columns (O(K 2^K) per problem) with
+the argmax kept for backtracking, both in plain torch; above that scipy's linear_sum_assignment
+(Hungarian / Jonker-Volgenant, O(K^3), one call per block), imported only then. Without scipy the
+subset DP serves up to K = 16 and larger blocks raise ImportError saying what to install.
+Internally every problem batch is the LAST, contiguous dimension ("batch-last" layout
+(G, K_v, K_t, P)), so each step of the torch algorithms is a matrix product or a row copy +
+vector add/max over P problems.
 
-Public: METHODS, pairwise_similarity, score_matrix, max_pair_assignment, greedy_assignment.
-Imports only torch (and the standard library).
+Exact RANKS for less: rank_preserving_scores stores, for a pair whose upper bound (mean of the
+row maxima of its block, also of the column maxima when square) lies below both scores that
+decide its ranks, that bound instead of its exact score; only the other pairs are matched
+(METHOD.md §5).
+
+Public: METHODS, pairwise_similarity, score_matrix, rank_preserving_scores, max_pair_assignment,
+greedy_assignment. Imports only torch (and the standard library; scipy lazily, see above).
 """
 import functools
 import itertools
@@ -48,6 +56,14 @@ METHOD_OPTIONS = {
 # permutation product wins the score (value only) up to K = 4 and the assignment up to K = 5.
 PERMUTATION_MAX_K_SCORE = 4
 PERMUTATION_MAX_K_ASSIGNMENT = 5
+
+# Above the permutation range: the subset DP while its table (sum over r of C(K_t, r) * r entries)
+# is no larger than at K_v = K_t = SUBSET_DP_MAX_K, scipy's linear_sum_assignment beyond. Measured
+# on 2 shared CPU cores (benchmarks/similarity_bench.py, part 1): the DP is ahead up to K = 9
+# (both about 3-6 us per block), scipy from K = 10 on (DP 16 us, 120 us at K = 12; scipy 5-8 us).
+# Without scipy the DP serves up to TORCH_ONLY_MAX_K (slow but exact; its table is built once).
+SUBSET_DP_MAX_K = 9
+TORCH_ONLY_MAX_K = 16
 
 # Memory bounds: score_matrix computes cosine chunks of at most CHUNK_BYTES; every reduction
 # works on slices whose temporaries stay near SCRATCH_BYTES: bounded at any K and batch size.
@@ -275,6 +291,9 @@ def _uses_permutations(k_v, k_t, assignment):
 def _max_pair_value_batch_last(cos):
     """Maximum assignment SUM of every block: (G, K_v, K_t, P), K_v <= K_t -> (G, P)."""
     groups, k_v, k_t, problems = cos.shape
+    if not _uses_permutations(k_v, k_t, assignment=False) and not _uses_subset_dp(k_v, k_t):
+        columns = _scipy_assignment_batch_last(cos)  # (G, P, K_v)
+        return cos.gather(2, columns.permute(0, 2, 1).unsqueeze(2)).squeeze(2).sum(1)
     out = cos.new_empty(groups, problems)
     if _uses_permutations(k_v, k_t, assignment=False):
         maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
@@ -293,6 +312,8 @@ def _max_pair_assignment_batch_last(cos, out=None):
     """Exact assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)
     (written into out if given)."""
     groups, k_v, k_t, problems = cos.shape
+    if not _uses_permutations(k_v, k_t, assignment=True) and not _uses_subset_dp(k_v, k_t):
+        return _scipy_assignment_batch_last(cos, out)
     columns = out if out is not None else cos.new_empty(groups, problems, k_v, dtype=torch.long)
     if _uses_permutations(k_v, k_t, assignment=True):
         maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
@@ -410,3 +431,58 @@ def _greedy_assignment_batch_last(cos, out=None):
             col_penalty.view(k_t, n).scatter_(0, col.unsqueeze(0), -math.inf)
         columns[g, p] = slice_columns.view(columns[g, p].shape)
     return columns
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: exact assignment above the subset-DP range (scipy, imported lazily)
+# ----------------------------------------------------------------------------------------------
+
+
+def _uses_subset_dp(k_v, k_t):
+    """Whether blocks K_v x K_t (K_v <= K_t) are matched by the subset DP rather than scipy:
+    by the DP's table size (rectangular blocks included), and beyond the measured crossover only
+    when scipy is missing. Raises ImportError when neither can serve."""
+    size = _subset_dp_size(k_v, k_t)
+    if size <= _subset_dp_size(SUBSET_DP_MAX_K, SUBSET_DP_MAX_K):
+        return True
+    if _scipy_linear_sum_assignment() is not None:
+        return False
+    if size <= _subset_dp_size(TORCH_ONLY_MAX_K, TORCH_ONLY_MAX_K):
+        return True
+    raise ImportError(
+        f"exact max_pair matching of {k_v} x {k_t} cosine blocks needs scipy (pip install scipy); "
+        f"without it similarity.py matches exactly only up to {TORCH_ONLY_MAX_K} x {TORCH_ONLY_MAX_K}"
+    )
+
+
+def _subset_dp_size(k_v, k_t):
+    """Entries of the subset DP's tables for K_v x K_t blocks: sum over r <= K_v of C(K_t, r) * r."""
+    return sum(math.comb(k_t, r) * r for r in range(1, k_v + 1))
+
+
+def _scipy_linear_sum_assignment():
+    """scipy.optimize.linear_sum_assignment, or None when scipy is not installed."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        return None
+    return linear_sum_assignment
+
+
+def _scipy_assignment_batch_last(cos, out=None):
+    """Exact assignment of every block with scipy (one call per block, in float64 on the CPU):
+    (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v) (written into out if given)."""
+    import numpy  # scipy's own dependency
+
+    linear_sum_assignment = _scipy_linear_sum_assignment()
+    groups, k_v, k_t, problems = cos.shape
+    blocks = cos.permute(0, 3, 1, 2).to("cpu", torch.float64).numpy()  # (G, P, K_v, K_t)
+    found = numpy.empty((groups, problems, k_v), dtype=numpy.int64)
+    for g in range(groups):
+        for p in range(problems):
+            found[g, p] = linear_sum_assignment(blocks[g, p], maximize=True)[1]  # rows come sorted
+    columns = torch.from_numpy(found).to(cos.device)
+    if out is None:
+        return columns
+    out.copy_(columns)
+    return out
