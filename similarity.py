@@ -103,9 +103,7 @@ def score_matrix(images, captions, method="max_pair", chunk_size=256, progress=F
     n_img, k_v, dim = images.shape
     n_cap, k_t, _ = captions.shape
     chunk_size = max(1, int(chunk_size))
-    element_size = images.element_size()
-    caption_chunk = max(1, CHUNK_BYTES // (element_size * min(chunk_size, n_img) * k_v * k_t))
-    caption_chunk = min(caption_chunk, n_cap)
+    caption_chunk = _caption_chunk(images, chunk_size, k_t, n_cap)
     scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
     cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)  # reused: no page faults
     total = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size)
@@ -129,6 +127,76 @@ def score_matrix(images, captions, method="max_pair", chunk_size=256, progress=F
             print(file=sys.stderr)
     _check_finite(scores, "similarity scores")
     return scores
+
+
+def rank_preserving_scores(images, captions, caption_to_image, method="max_pair", chunk_size=256,
+                           progress=False, **options):
+    """A score matrix that ranks exactly like score_matrix's, with most pairs never matched.
+
+    Retrieval ranks (METHOD.md §5) compare each entry (i, j) with two thresholds only: its row's
+    (image i's best ground-truth caption score) and its column's (caption j's own-image score).
+    Every assignment's mean is at most the mean of the block's row maxima (and, for square
+    blocks, of its column maxima). A non-ground-truth pair whose bound lies below BOTH thresholds
+    by more than a rounding slack stores that bound: it stays strictly below both, as its exact
+    score does, so it counts the same under either tie rule. Every other pair, ground truth
+    included, gets the exact score that score_matrix computes from the same cosine chunk.
+
+    images (N_img, K_v, D), captions (N_cap, K_t, D); caption_to_image (N_cap,) the image index
+    of every caption; method max_pair or greedy (with their options; `score="exp"` is monotone in
+    each matched cosine, so the bound carries over). Returns (scores (N_img, N_cap), the fraction
+    of pairs scored exactly). Only ranks are exact: use score_matrix where the values matter.
+    """
+    if method not in ("max_pair", "greedy"):
+        raise ValueError(f"rank_preserving_scores bounds max_pair and greedy only, got {method!r}")
+    options = _resolve_options(method, options)
+    _check_sets(images, captions)
+    n_img, k_v, dim = images.shape
+    n_cap, k_t, _ = captions.shape
+    owners = torch.as_tensor(caption_to_image).to(images.device, torch.long)
+    if owners.shape != (n_cap,) or (n_cap and not 0 <= int(owners.min()) <= int(owners.max()) < n_img):
+        raise ValueError(f"caption_to_image must be ({n_cap},) image indices in [0, {n_img})")
+    k_min = min(k_v, k_t)
+    with torch.no_grad():
+        # Thresholds from a separate pass over the ground-truth pairs: they may differ from the
+        # chunks' values by rounding, which the slack absorbs. Cuts are in units of matched sums.
+        column_threshold = _ground_truth_scores(images, captions, owners, method, options)  # (N_cap,)
+        row_threshold = column_threshold.new_full((n_img,), -math.inf).scatter_reduce(
+            0, owners, column_threshold, reduce="amax")  # (N_img,)
+        slack = _rounding_slack(images, captions, options["score"])
+        row_cut, column_cut = (k_min * (t - slack) for t in (row_threshold, column_threshold))
+        chunk_size = max(1, int(chunk_size))
+        caption_chunk = _caption_chunk(images, chunk_size, k_t, n_cap)  # the chunks of score_matrix
+        scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
+        cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)
+        pending = _PendingExactScores(scores, method, options)
+        total, done = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size), 0
+        for c0 in range(0, n_cap, caption_chunk):
+            c1 = min(n_cap, c0 + caption_chunk)
+            caption_rows = captions[c0:c1].transpose(0, 1).reshape(k_t * (c1 - c0), dim)  # (K_t*m, D)
+            ground_truth = _ground_truth_by_image_chunk(owners[c0:c1], chunk_size)
+            for i0 in range(0, n_img, chunk_size):
+                i1 = min(n_img, i0 + chunk_size)
+                image_rows = images[i0:i1].reshape((i1 - i0) * k_v, dim)  # (n*K_v, D)
+                cos = cos_buffer[: (i1 - i0) * k_v * k_t * (c1 - c0)].view((i1 - i0) * k_v, k_t * (c1 - c0))
+                torch.matmul(image_rows, caption_rows.T, out=cos)
+                cos = cos.view(i1 - i0, k_v, k_t, c1 - c0)  # (n, K_v, K_t, m)
+                bound = _upper_bound_sums(cos, options["score"])  # (n, m)
+                undecided = bound >= torch.minimum(row_cut[i0:i1, None], column_cut[None, c0:c1])  # (n, m)
+                if i0 // chunk_size in ground_truth:  # ground-truth pairs: always exact
+                    gt_rows, gt_cols = ground_truth[i0 // chunk_size]
+                    undecided[gt_rows - i0, gt_cols] = True
+                torch.div(bound, k_min, out=scores[i0:i1, c0:c1])
+                rows, cols = undecided.nonzero().unbind(1)  # (u,), (u,)
+                if rows.numel():
+                    pending.add(rows + i0, cols + c0, cos[rows, :, :, cols])  # (u, K_v, K_t)
+                done += 1
+                if progress:
+                    print(f"\rrank_preserving_scores {method}: chunk {done}/{total}", end="", file=sys.stderr)
+        pending.flush()
+        if progress:
+            print(file=sys.stderr)
+    _check_finite(scores, "similarity scores")
+    return scores, pending.count / max(1, n_img * n_cap)
 
 
 def max_pair_assignment(cos):
@@ -486,3 +554,92 @@ def _scipy_assignment_batch_last(cos, out=None):
         return columns
     out.copy_(columns)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: rank_preserving_scores
+# ----------------------------------------------------------------------------------------------
+
+
+def _caption_chunk(images, chunk_size, k_t, n_cap):
+    """Caption sets per cosine chunk: a (chunk_size, K_v, K_t, m) chunk stays under CHUNK_BYTES."""
+    n_img, k_v, _ = images.shape
+    caption_chunk = max(1, CHUNK_BYTES // (images.element_size() * min(chunk_size, n_img) * k_v * k_t))
+    return min(caption_chunk, n_cap)
+
+
+def _upper_bound_sums(cos, score):
+    """Upper bound of every assignment's matched SUM of the batch-last blocks (n, K_v, K_t, m) ->
+    (n, m): the sum of the maxima of the smaller side's rows (each is matched once; both sides,
+    and the smaller bound, when square), through expm1 for score="exp"."""
+    k_v, k_t = cos.shape[1:3]
+    transform = torch.expm1 if score == "exp" else (lambda x: x)
+    bounds = []
+    if k_v <= k_t:
+        bounds.append(transform(cos.amax(2)).sum(1))  # rows matched once each
+    if k_t <= k_v:
+        bounds.append(transform(cos.amax(1)).sum(1))  # columns matched once each
+    return bounds[0] if len(bounds) == 1 else torch.minimum(*bounds)
+
+
+def _ground_truth_by_image_chunk(owners, chunk_size):
+    """{image chunk index: (image indices, caption positions in this caption chunk)} of the
+    ground-truth pairs of one caption chunk, owners (m,)."""
+    chunk_of = owners // chunk_size  # (m,)
+    order = chunk_of.argsort()
+    counts = torch.bincount(chunk_of).tolist()
+    groups, start = {}, 0
+    for index, count in enumerate(counts):
+        if count:
+            positions = order[start:start + count]
+            groups[index] = (owners[positions], positions)
+        start += count
+    return groups
+
+
+class _PendingExactScores:
+    """Blocks still to be matched exactly, batched across chunks (fewer, larger reductions) and
+    written into scores when about SCRATCH_BYTES * 16 of them are waiting, or at flush()."""
+
+    def __init__(self, scores, method, options):
+        self.scores, self.method, self.options = scores, method, options
+        self.rows, self.cols, self.blocks, self.bytes, self.count = [], [], [], 0, 0
+
+    def add(self, rows, cols, blocks):
+        self.rows.append(rows)
+        self.cols.append(cols)
+        self.blocks.append(blocks)
+        self.bytes += blocks.numel() * blocks.element_size()
+        self.count += rows.numel()
+        if self.bytes >= 16 * SCRATCH_BYTES:
+            self.flush()
+
+    def flush(self):
+        if not self.rows:
+            return
+        blocks = torch.cat(self.blocks).permute(1, 2, 0).unsqueeze(0)  # (1, K_v, K_t, u)
+        values = _reduce_blocks(blocks, self.method, self.options, value_only=True)[0]  # (u,)
+        self.scores[torch.cat(self.rows), torch.cat(self.cols)] = values
+        self.rows, self.cols, self.blocks, self.bytes = [], [], [], 0
+
+
+def _ground_truth_scores(images, captions, owners, method, options):
+    """The exact score of every caption with its own image: (N_cap,), in pieces of bounded memory."""
+    n_cap, k_t, dim = captions.shape
+    k_v = images.shape[1]
+    piece = max(1, CHUNK_BYTES // (images.element_size() * (k_v + k_t) * dim))
+    scores = captions.new_empty(n_cap)
+    for j0 in range(0, n_cap, piece):
+        j1 = min(n_cap, j0 + piece)
+        cos = torch.bmm(images[owners[j0:j1]], captions[j0:j1].transpose(1, 2))  # (p, K_v, K_t)
+        scores[j0:j1] = _reduce_blocks(cos.permute(1, 2, 0).unsqueeze(0), method, options, value_only=True)[0]
+    return scores
+
+
+def _rounding_slack(images, captions, score):
+    """How far apart two float computations of one score (in different summation orders, from
+    different matrix products) can plausibly be: a relative 1e-5 (at least 64 units of the dtype's
+    rounding) of the largest possible matched term."""
+    largest_cos = (images.norm(dim=-1).max() * captions.norm(dim=-1).max()).item() if images.numel() else 1.0
+    term = math.expm1(min(largest_cos, 80.0)) if score == "exp" else largest_cos
+    return max(1e-5, 64 * torch.finfo(images.dtype).eps) * max(1.0, term)
