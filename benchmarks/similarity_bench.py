@@ -2,7 +2,9 @@
 measured in the same run with the same thread count.
 
 1. Exact max_pair assignment problems/s for K = 4..8 on random K x K blocks, beside greedy and a
-   scipy linear_sum_assignment loop (one call per block); ratio to scipy.
+   scipy linear_sum_assignment loop (one call per block); ratio to scipy. Then K = 16, 24, 32
+   (--large-problems blocks), where max_pair itself calls scipy, and the subset DP at K = 16
+   (what runs without scipy).
 2. COCO-5K-scale scoring (5,000 image sets x 25,000 caption sets, D = 1024; --scale shrinks both)
    with score_matrix for max_pair, greedy and smooth_chamfer at K = 4 and max_pair at K = 8,
    against the floor: the same chunked pipeline computing only the cosine blocks and their max
@@ -47,8 +49,9 @@ def main():
                         help="part 1: also time both exact algorithms (permutations, subset DP) at every K")
     parser.add_argument("--parts", default="1234", help="which parts to run, e.g. 13")
     parser.add_argument("--rank-repeats", type=int, default=2, help="part 4: best of this many interleaved runs")
+    parser.add_argument("--skip-random", action="store_true", help="part 4: trained-like sets only")
     parser.add_argument("--skip-full", action="store_true", help="part 4: skip score_matrix (every pair exact)")
-    parser.add_argument("--large-k", action="store_true", help="part 1: also K = 16, 24, 32 (scipy above K = 9)")
+    parser.add_argument("--large-problems", type=int, default=20000, help="blocks per K in part 1 at K = 16, 24, 32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -117,6 +120,27 @@ def bench_assignment(args, device):
         print_row(row(1, "scipy linear_sum_assignment loop", k, t_scipy * args.problems / len(on_cpu),
                       f"{scipy_rate / 1e6:.2f} M/s", 1.0, "scipy"))
         del blocks
+    for k in (16, 24, 32):  # above the subset-DP range: max_pair calls scipy per block
+        progress(f"part 1, K={k}")
+        g = torch.Generator().manual_seed(k)
+        blocks = (torch.rand(args.large_problems, k, k, generator=g) * 2 - 1).to(device)  # (P, K, K)
+        similarity.max_pair_assignment(blocks[:100])  # warm-up
+        on_cpu = blocks[: args.scipy_problems].cpu().numpy()
+        t_scipy = timed(lambda: [linear_sum_assignment(b, maximize=True) for b in on_cpu], device, args.repeats)
+        scipy_rate = len(on_cpu) / t_scipy
+        cases = [("max_pair exact (scipy, per block)", blocks, lambda b: similarity.max_pair_assignment(b)),
+                 ("greedy", blocks, lambda b: similarity.greedy_assignment(b))]
+        if k == 16:  # the torch-only fallback without scipy, on fewer blocks
+            assign_with_dp_up_to(blocks[:10], 16)  # warm-up: builds its tables once (seconds)
+            cases.insert(1, ("  via subset DP (without scipy)", blocks[:500], lambda b: assign_with_dp_up_to(b, 16)))
+        for label, some, fn in cases:
+            seconds = timed(lambda: fn(some), device, repeats=args.repeats)
+            rate = len(some) / seconds
+            print_row(row(1, label, k, seconds * len(blocks) / len(some), f"{rate / 1e3:.1f} k/s", rate / scipy_rate,
+                          "scipy"))
+        print_row(row(1, "scipy linear_sum_assignment loop", k, t_scipy * len(blocks) / len(on_cpu),
+                      f"{scipy_rate / 1e3:.1f} k/s", 1.0, "scipy"))
+        del blocks
 
 
 def bench_ranking(args, device):
@@ -126,7 +150,8 @@ def bench_ranking(args, device):
     owners = torch.arange(n_img).repeat_interleave(per_image).to(device)  # caption -> image
     for k in (4, 8):
         sets = {kind: tuple(t.to(device) for t in make(n_img, per_image, k, dim, seed=k))
-                for kind, make in (("trained-like", trained_like_sets), ("random", random_sets))}
+                for kind, make in (("trained-like", trained_like_sets), ("random", random_sets))
+                if kind == "trained-like" or not args.skip_random}
         images, captions = sets["trained-like"]
         cases = {"bare": lambda: bare_product(images, captions)}
         found = {}
@@ -198,6 +223,16 @@ def random_sets(n_img, per_image, k, dim, seed):
     g = torch.Generator().manual_seed(seed + 100)
     return (F.normalize(torch.randn(n_img, k, dim, generator=g), dim=-1),
             F.normalize(torch.randn(n_img * per_image, k, dim, generator=g), dim=-1))
+
+
+def assign_with_dp_up_to(blocks, k):
+    """max_pair_assignment with the subset DP up to K = k (as without scipy)."""
+    saved = similarity.SUBSET_DP_MAX_K
+    similarity.SUBSET_DP_MAX_K = k
+    try:
+        return similarity.max_pair_assignment(blocks)
+    finally:
+        similarity.SUBSET_DP_MAX_K = saved
 
 
 def assign_with_limit(blocks, limit):

@@ -84,3 +84,15 @@ def test_train_step_speed_benchmark_prints_an_eager_row_with_positive_times():
     _, mode, warmup_s, ms, rate, ratio, memory, _ = rows[0].split("|")
     assert 0 < float(ms) < 60_000 and float(rate) > 0 and float(warmup_s) >= 0
     assert ratio.strip() == "1.00x" and memory.strip() == "-"
+
+
+def test_similarity_bench_ranking_part_prints_every_row_with_the_exact_fraction():
+    result = run_script(["benchmarks/similarity_bench.py", "--parts", "4", "--scale", "0.002", "--threads", "1",
+                         "--rank-repeats", "1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 4 ")]
+    assert len(rows) == 8  # per K: bare product, trained-like, random, every pair exact
+    for line in rows:
+        if "max_pair ranks" in line:
+            exact = float(line.split("|")[5].split("%")[0])
+            assert 0 < exact <= 100
