@@ -1,4 +1,4 @@
-"""Evaluate a trained MaxMatch checkpoint: retrieval recalls and set-collapse diagnostics (SPEC 5).
+"""Evaluate a trained MaxMatch checkpoint: retrieval recalls and set-collapse diagnostics (METHOD.md §5).
 
     python evaluate.py --ckpt runs/shapes_maxmatch/best.pt
     python evaluate.py --ckpt best.pt --method greedy --split val --data.root /new/place --out m.json
@@ -16,15 +16,15 @@ import sys
 
 import torch
 
+from config import ConfigError, apply_overrides, checkpoint_config
+from data import DataError, build_loader, build_text_tokenizer, prepare_data
+from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
 from similarity import rank_preserving_scores, score_matrix
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 COCO_TEST_IMAGES, COCO_FOLD_IMAGES = 5000, 1000   # MS-COCO 5K test (val) split and its 1K folds
 RANK_BOUND_METHODS = ("max_pair", "greedy")         # eval.rank_bounds applies to these
-
-
-class CheckpointError(Exception):
-    """A checkpoint file that cannot be used; the message names it and says why."""
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)   # one line on stderr, exit code 2
 
 
 def retrieval_metrics(scores, caption_to_image):
@@ -73,7 +73,7 @@ def five_fold_metrics(scores, caption_to_image, fold_size=1000):
 
 
 def collapse_diagnostics(sets, global_):
-    """How collapsed the sets are (SPEC 5): sets (N, K, D) unit-norm, global_ (N, D) unit-norm.
+    """How collapsed the sets are (METHOD.md §5): sets (N, K, D) unit-norm, global_ (N, D) unit-norm.
 
     intra_set_cos: mean cosine between two different elements of one set (1 = collapsed);
     global_cos: mean cosine of an element to its own global feature;
@@ -148,6 +148,19 @@ def evaluate_model(model, cfg, loader, device, method=None, options=None, progre
     return results
 
 
+def build_eval_context(cfg, checkpoint, split, device=None):
+    """Model (weights from the checkpoint), eval loader and device for evaluating `split`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg["run"]["device"] != "cpu" else "cpu"))
+    prepare_data(cfg["data"])
+    tokenizer = build_text_tokenizer(cfg["model"]["text"], checkpoint.get("vocab"))
+    model = build_model(cfg, checkpoint.get("vocab"))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint weights do not fit the model of its config ({str(error)[:200]})") from None
+    return model.to(device), build_loader(cfg, split, tokenizer, train=False), device
+
+
 def format_results(results, title=""):
     """A fixed-width table: one row per protocol, then the collapse diagnostics."""
     header = f"{'':8s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
@@ -165,24 +178,7 @@ def format_results(results, title=""):
     return "\n".join(lines)
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True and one clear error for missing or broken files."""
-    import os
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, not a torch file, foreign pickle
-        raise CheckpointError(f"checkpoint {path!r} cannot be read ({str(error).splitlines()[0][:120]}); "
-                              "it is truncated or not a MaxMatch checkpoint") from None
-    missing = [key for key in ("model", "config") if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"checkpoint {path!r} has no {', '.join(missing)}: not a MaxMatch checkpoint")
-    return checkpoint
-
-
 def main(argv=None):
-    from train import USER_ERRORS, apply_overrides, build_eval_context, checkpoint_config
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
     parser.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
@@ -223,23 +219,5 @@ def join_flag_values(items):
     return joined
 
 
-def move_to(batch, device):
-    """Tensors to the device (non-blocking from pinned memory). Caption lengths also stay on the host
-    as `host_lengths`: a GRU packs its input with lengths on the host, and copying them back would sync."""
-    moved = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-             for key, value in batch.items()}
-    if torch.is_tensor(batch.get("lengths")):
-        moved["host_lengths"] = batch["lengths"]
-    return moved
-
-
-def autocast(device, amp):
-    """Mixed precision on CUDA only (amp = bf16 | fp16 | off)."""
-    enabled = torch.device(device).type == "cuda" and amp in ("bf16", "fp16")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=enabled)
-
-
 if __name__ == "__main__":
-    from evaluate import main as module_main   # one module object, so its error classes match train's
-    sys.exit(module_main())
+    sys.exit(main())

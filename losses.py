@@ -1,6 +1,6 @@
-"""Training losses of MaxMatch (ACL 2025; SPEC.md section 3), one small pure function per term.
+"""Training losses of MaxMatch (ACL 2025; METHOD.md §3), one small pure function per term.
 
-L = L_tri + l_con L_con + l_mmd L_mmd + l_div L_div + l_gd L_gd + l_isd L_isd   (SPEC 3)
+L = L_tri + l_con L_con + l_mmd L_mmd + l_div L_div + l_gd L_gd + l_isd L_isd   (METHOD.md §3)
 
 - triplet_loss               VSE++ hardest-negative triplet, both directions, multiple positives.
 - contrastive_loss           symmetric multi-positive InfoNCE on S / tau.
@@ -16,21 +16,22 @@ Imports only torch. Shapes: B images, N_cap captions, K set elements, D embeddin
 import torch
 import torch.nn.functional as F
 
-# Every term of maxmatch_loss, its options and their defaults (SPEC 3).
+# Every term of maxmatch_loss, its options and their defaults (METHOD.md §3): config.yaml's `loss`
+# section, repeated for callers who copy this file alone (tests/test_config.py checks they agree).
 LOSS_TERMS = {
     "triplet": {"weight": 1.0, "margin": 0.2, "hardest": True},
-    "con": {"weight": 0.0, "temperature": 0.05},
+    "con": {"weight": 1.0, "temperature": 0.05},
     "mmd": {"weight": 0.01, "kernel": "laplacian", "gamma": 0.5},
     "div": {"weight": 0.01, "type": "uniformity"},
-    "gd": {"weight": 0.01, "scale": 10.0, "delta": 0.5},
-    "isd": {"weight": 0.01, "scale": 10.0, "delta": 0.3},
+    "gd": {"weight": 0.1, "scale": 10.0, "delta": 0.5},
+    "isd": {"weight": 0.1, "scale": 10.0, "delta": 0.3},
 }
 # Keys of the config's loss section that belong to the similarity, not to a loss term.
 NON_LOSS_KEYS = ("similarity", "similarity_options")
 
 
 def triplet_loss(scores, positive_mask, margin=0.2, hardest=True):
-    """Hinge triplet loss on a score matrix, both directions, summed (SPEC 3).
+    """Hinge triplet loss on a score matrix, both directions, summed (METHOD.md §3).
 
     scores (B, N_cap); positive_mask (B, N_cap) bool, True where caption t describes image i.
     i2t: for each positive pair (i, p): [margin + max_{t not pos(i)} S(i,t) - S(i,p)]_+ ;
@@ -60,7 +61,7 @@ def triplet_loss(scores, positive_mask, margin=0.2, hardest=True):
 
 
 def contrastive_loss(scores, positive_mask, temperature=0.05):
-    """Symmetric multi-positive InfoNCE on scores / temperature (SPEC 3).
+    """Symmetric multi-positive InfoNCE on scores / temperature (METHOD.md §3).
 
     scores (B, N_cap); positive_mask (B, N_cap) bool. i2t: per image, the mean of
     -log softmax_captions(S/tau) over its positives; t2i: per caption, the mean of
@@ -76,7 +77,7 @@ def contrastive_loss(scores, positive_mask, temperature=0.05):
 
 
 def mmd_loss(image_elements, caption_elements, kernel="laplacian", gamma=0.5):
-    """Biased MMD^2 between two samples of embeddings (DivE; SPEC 3).
+    """Biased MMD^2 between two samples of embeddings (DivE; METHOD.md §3).
 
     image_elements (N, D), caption_elements (M, D): mean k(x,x') - 2 mean k(x,y) + mean k(y,y'),
     all pairs including x = x'. kernel "laplacian": exp(-gamma |x-y|); "gaussian":
@@ -119,7 +120,7 @@ def pvse_diversity_loss(residuals):
 
 
 def global_discriminative_loss(sets, global_features, scale=10.0, delta=0.5):
-    """Global Discriminative loss (paper; SPEC 3): mean over samples and k of
+    """Global Discriminative loss (paper; METHOD.md §3): mean over samples and k of
     exp(scale (cos(S_k, g) - delta)). Pushes every set element away from its own global feature.
     sets (N, K, D), global_features (N, D) -> scalar."""
     cos = torch.einsum("nkd,nd->nk", F.normalize(sets, dim=-1), F.normalize(global_features, dim=-1))  # (N, K)
@@ -127,7 +128,7 @@ def global_discriminative_loss(sets, global_features, scale=10.0, delta=0.5):
 
 
 def intra_set_divergence_loss(sets, scale=10.0, delta=0.3):
-    """Intra-Set Divergence loss (paper; SPEC 3): mean over samples and ordered pairs j != k of
+    """Intra-Set Divergence loss (paper; METHOD.md §3): mean over samples and ordered pairs j != k of
     exp(scale (cos(S_j, S_k) - delta)). Pushes the elements of a set apart.
     sets (N, K, D) -> scalar (0 when K = 1)."""
     k = sets.shape[1]
@@ -142,7 +143,7 @@ def intra_set_divergence_loss(sets, scale=10.0, delta=0.3):
 
 def maxmatch_loss(config, scores, positive_mask, image_sets, caption_sets, image_residuals,
                   caption_residuals, image_global, caption_global):
-    """Weighted total of every term whose weight is > 0 (SPEC 3).
+    """Weighted total of every term whose weight is > 0 (METHOD.md §3).
 
     config: the `loss` section of config.yaml ({term: {weight, ...}}; `similarity` and
     `similarity_options` are ignored; a missing term has weight 0, a missing option its

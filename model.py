@@ -1,6 +1,6 @@
 r"""The MaxMatch encoders: every image and caption becomes a SET of K unit-norm embeddings.
 
-SPEC section 1. Each modality is a backbone that yields local features (B, N, D) and a global
+METHOD.md §1. Each modality is a backbone that yields local features (B, N, D) and a global
 feature (B, D), followed by a set head (DivE, CVPR 2023, with our padding fix):
 
     x_0 = slots (K, D)                                   learned, N(0, 1)
@@ -29,6 +29,10 @@ import torch.nn.functional as F
 
 class ModelError(Exception):
     """A model configuration or weight file the user has to fix; the message says how."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message names it and says why."""
 
 
 class SetEmbedding(NamedTuple):
@@ -236,20 +240,20 @@ class CNNImageEncoder(nn.Module):
 
     def __init__(self, image_cfg, embed_dim, dropout):
         super().__init__()
-        arch, stop_after = image_cfg["arch"], image_cfg.get("stop_after") or "layer4"
+        arch, stop_after = image_cfg["arch"], image_cfg["stop_after"] or "layer4"
         stages = ["layer1", "layer2", "layer3", "layer4"]
         if stop_after not in stages:
             raise ModelError(f"model.image.stop_after={stop_after!r}; use one of {', '.join(stages)}")
         if not str(arch).startswith("resnet"):
             raise ModelError(f"model.image.arch={arch!r}: the cnn encoder takes a torchvision ResNet "
                              "(resnet18 ... resnet152)")
-        net = load_torchvision_model(arch, image_cfg.get("weights"))
+        net = load_torchvision_model(arch, image_cfg["weights"])
         kept = ["conv1", "bn1", "relu", "maxpool"] + stages[:stages.index(stop_after) + 1]
         self.backbone = nn.Sequential(*(getattr(net, name) for name in kept))
         last_block = getattr(net, stop_after)[-1]
         channels = (last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2).num_features
         self.projection = Projection(channels, embed_dim, dropout)
-        set_finetune(self.backbone, image_cfg.get("finetune", True))
+        set_finetune(self.backbone, image_cfg["finetune"])
 
     def forward(self, batch):
         grid = self.backbone(batch["images"])                        # (B, C, h, w)
@@ -268,15 +272,15 @@ class ViTImageEncoder(nn.Module):
     def __init__(self, image_cfg, embed_dim, dropout):
         super().__init__()
         from torchvision.models.vision_transformer import VisionTransformer
-        vit_config = image_cfg.get("vit_config")
+        vit_config = image_cfg["vit_config"]
         if vit_config:
             net = VisionTransformer(**vit_config)
         else:
-            net = load_torchvision_model(image_cfg.get("arch") or "vit_b_16", image_cfg.get("weights"))
+            net = load_torchvision_model(image_cfg["arch"] or "vit_b_16", image_cfg["weights"])
         net.heads = nn.Identity()
         self.backbone = net
         self.projection = Projection(net.hidden_dim, embed_dim, dropout)
-        set_finetune(self.backbone, image_cfg.get("finetune", True))
+        set_finetune(self.backbone, image_cfg["finetune"])
 
     def forward(self, batch):
         net = self.backbone
@@ -361,16 +365,16 @@ class GRUTextEncoder(nn.Module):
 
     def __init__(self, vocab, text_cfg, embed_dim, dropout):
         super().__init__()
-        word_dim = text_cfg.get("word_dim", 300)
+        word_dim = text_cfg["word_dim"]
         embedding = nn.Embedding(len(vocab), word_dim, padding_idx=0)
-        if text_cfg.get("word_vectors"):
+        if text_cfg["word_vectors"]:
             vectors, _ = load_word_vectors(text_cfg["word_vectors"], vocab, word_dim)
             found = vectors.abs().sum(dim=1) > 0
             embedding.weight.data[found] = vectors[found]
         self.backbone = nn.ModuleDict(dict(embedding=embedding, gru=nn.GRU(
             word_dim, embed_dim, batch_first=True, bidirectional=True)))
         self.projection = Projection(word_dim, embed_dim, dropout)
-        set_finetune(self.backbone, text_cfg.get("finetune", True))
+        set_finetune(self.backbone, text_cfg["finetune"])
 
     def forward(self, tokens, lengths, host_lengths=None):
         # tokens (B, L) long, lengths (B,) long; host_lengths: the same on the CPU (saves a GPU sync)
@@ -416,10 +420,10 @@ class BertTextEncoder(nn.Module):
         super().__init__()
         self.backbone = load_bert(text_cfg)
         self.projection = Projection(self.backbone.config.hidden_size, embed_dim, dropout)
-        self.global_pool = text_cfg.get("global_pool", "cls")
+        self.global_pool = text_cfg["global_pool"]
         if self.global_pool not in ("cls", "max"):
             raise ModelError(f"model.text.global_pool={self.global_pool!r}; use cls or max")
-        set_finetune(self.backbone, text_cfg.get("finetune", True))
+        set_finetune(self.backbone, text_cfg["finetune"])
 
     def forward(self, tokens, lengths, host_lengths=None):
         mask = lengths_to_mask(lengths, tokens.shape[1])
@@ -435,9 +439,9 @@ class BertTextEncoder(nn.Module):
 def load_bert(text_cfg):
     """BERT-family AutoModel from `bert_config` (random init), a local folder, or a hub name."""
     from transformers import AutoConfig, AutoModel, BertConfig
-    if text_cfg.get("bert_config"):
+    if text_cfg["bert_config"]:
         return without_pooler(AutoModel.from_config(BertConfig(**text_cfg["bert_config"])))
-    name = text_cfg.get("bert")
+    name = text_cfg["bert"]
     if not name:
         raise ModelError("model.text.type=bert needs model.text.bert (a local model folder or a "
                          "hub name) or model.text.bert_config (a random-init config)")
@@ -459,3 +463,37 @@ def without_pooler(bert):
     if getattr(bert, "pooler", None) is not None:
         bert.pooler = None
     return bert
+
+
+# ----------------------------------------------------------------------------- running a model, checkpoints
+
+def move_to(batch, device):
+    """Tensors to the device (non-blocking from pinned memory). Caption lengths also stay on the host
+    as `host_lengths`: a GRU packs its input with lengths on the host, and copying them back would sync."""
+    moved = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+             for key, value in batch.items()}
+    if torch.is_tensor(batch.get("lengths")):
+        moved["host_lengths"] = batch["lengths"]
+    return moved
+
+
+def autocast(device, amp):
+    """Mixed precision on CUDA only (amp = bf16 | fp16 | off)."""
+    enabled = torch.device(device).type == "cuda" and amp in ("bf16", "fp16")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=enabled)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True and one clear error for missing or broken files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a torch file, foreign pickle
+        raise CheckpointError(f"checkpoint {path!r} cannot be read ({str(error).splitlines()[0][:120]}); "
+                              "it is truncated or not a MaxMatch checkpoint") from None
+    missing = [key for key in ("model", "config") if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} has no {', '.join(missing)}: not a MaxMatch checkpoint")
+    return checkpoint

@@ -1,7 +1,7 @@
-"""Set-to-set similarity for set-based image-text retrieval (MaxMatch, ACL 2025; SPEC.md section 2).
+"""Set-to-set similarity for set-based image-text retrieval (MaxMatch, ACL 2025; METHOD.md §2).
 
 A set is K L2-normalised embeddings; two sets meet through their K_v x K_t cosine block
-C_ab = <v_a, t_b>. Methods (SPEC 2):
+C_ab = <v_a, t_b>. Methods (METHOD.md §2):
 
 - ``max_pair``  the paper's Maximal Pair Assignment Similarity: the EXACT maximum-weight
                 assignment pi* = argmax_pi sum_a C_{a,pi(a)}; score = mean of the matched cosines
@@ -540,16 +540,15 @@ def _scipy_linear_sum_assignment():
 def _scipy_assignment_batch_last(cos, out=None):
     """Exact assignment of every block with scipy (one call per block, in float64 on the CPU):
     (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v) (written into out if given)."""
-    import numpy  # scipy's own dependency
-
     linear_sum_assignment = _scipy_linear_sum_assignment()
     groups, k_v, k_t, problems = cos.shape
     blocks = cos.permute(0, 3, 1, 2).to("cpu", torch.float64).numpy()  # (G, P, K_v, K_t)
-    found = numpy.empty((groups, problems, k_v), dtype=numpy.int64)
+    found = torch.empty(groups, problems, k_v, dtype=torch.long)
+    found_view = found.numpy()  # shares memory: scipy's answers land in the tensor
     for g in range(groups):
         for p in range(problems):
-            found[g, p] = linear_sum_assignment(blocks[g, p], maximize=True)[1]  # rows come sorted
-    columns = torch.from_numpy(found).to(cos.device)
+            found_view[g, p] = linear_sum_assignment(blocks[g, p], maximize=True)[1]  # rows come sorted
+    columns = found.to(cos.device)
     if out is None:
         return columns
     out.copy_(columns)

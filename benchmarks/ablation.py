@@ -5,7 +5,7 @@ smooth-Chamfer, which beats PVSE's MIL; Global Discriminative + Intra-Set Diverg
 on top of either; and MaxMatch's sets collapse least. This script trains each configuration with
 `train.py` for several seeds on the built-in `shapes` dataset under one reduced budget and writes a
 markdown table: test RSUM mean and std over seeds, R@1 both ways, the set-collapse diagnostics of
-SPEC 5 (image / caption) and the wall time per run.
+METHOD.md §5 (image / caption) and the wall time per run.
 
     python benchmarks/ablation.py                  # 10 configurations x 3 seeds, about an hour on 2 cores
     python benchmarks/ablation.py --grid tune      # the loss-weight search behind config.yaml's defaults
@@ -29,8 +29,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from config import DEFAULT_CONFIG, load_config, merge_config, read_yaml  # noqa: E402
 from data import prepare_data  # noqa: E402
-from train import DEFAULT_CONFIG, load_config, merge_config, read_yaml  # noqa: E402
 
 # Which of the four set regularisers a configuration keeps; the kept ones use config.yaml's weights.
 REGULARISERS = {
@@ -40,7 +40,7 @@ REGULARISERS = {
     "all": [],                                                         # MaxMatch: all four
 }
 
-# SPEC 3's starting values of the two new losses (config.yaml has the tuned ones).
+# METHOD.md §3's starting values of the two new losses (config.yaml has the tuned ones).
 START_GD_ISD = ["loss.gd.weight=0.01", "loss.isd.weight=0.01", "loss.gd.scale=10", "loss.isd.scale=10",
                 "loss.gd.delta=0.5", "loss.isd.delta=0.3"]
 
@@ -59,7 +59,7 @@ GRIDS = {
         "max_pair gd+isd": ("max_pair", "gd+isd", []),
         "max_pair all": ("max_pair", "all", []),
     },
-    # One factor at a time around the starting values of SPEC 3, on max_pair with every loss.
+    # One factor at a time around the starting values of METHOD.md §3, on max_pair with every loss.
     # Judged by validation RSUM (the test split is kept for the ablation table).
     "tune": {
         "start: con 1, gd/isd 0.01": ("max_pair", "all", ["loss.con.weight=1", *START_GD_ISD]),

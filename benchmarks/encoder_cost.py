@@ -18,8 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import load_config  # noqa: E402
 from data import SPECIAL_WORDS  # noqa: E402
-from train import load_config  # noqa: E402
 from model import build_model  # noqa: E402
 
 VOCAB = SPECIAL_WORDS + [f"w{i}" for i in range(995)]          # a GRU vocabulary of 1,000 words

@@ -20,9 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import load_config  # noqa: E402
 from encoder_cost import BERT_BASE, VOCAB as GRU_VOCAB  # noqa: E402
 from model import build_model  # noqa: E402
-from train import DistributedContext, build_optimizer, load_config, training_step  # noqa: E402
+from train import DistributedContext, build_optimizer, training_step  # noqa: E402
 
 
 def main(argv=None):

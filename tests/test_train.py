@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import train
-from evaluate import load_checkpoint
+from model import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,38 +62,38 @@ def assert_same_weights(first, second, atol=0.0):
 # ----------------------------------------------------------------------------- configuration
 
 def test_overrides_are_typed_and_unknown_keys_are_named():
-    cfg = train.load_config(None, ["train.epochs=3", "train.lr=1e-4", "model.image.weights=/x/r.pth",
+    cfg = config.load_config(None, ["train.epochs=3", "train.lr=1e-4", "model.image.weights=/x/r.pth",
                                    "loss.similarity_options={alpha: 8}", "train.grad_clip=0"])
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["lr"] == pytest.approx(1e-4)
     assert cfg["model"]["image"]["weights"] == "/x/r.pth"
     assert cfg["loss"]["similarity_options"] == {"alpha": 8}
-    with pytest.raises(train.ConfigError, match="train.epoch"):
-        train.load_config(None, ["train.epoch=3"])
-    with pytest.raises(train.ConfigError, match="'train.epochs' .* expects int"):
-        train.load_config(None, ["train.epochs=many"])
-    with pytest.raises(train.ConfigError, match="nosuch.key"):
-        train.load_config(None, ["nosuch.key=1"])
-    with pytest.raises(train.ConfigError, match="key.sub=value"):
-        train.load_config(None, ["train.epochs"])
+    with pytest.raises(config.ConfigError, match="train.epoch"):
+        config.load_config(None, ["train.epoch=3"])
+    with pytest.raises(config.ConfigError, match="'train.epochs' .* expects int"):
+        config.load_config(None, ["train.epochs=many"])
+    with pytest.raises(config.ConfigError, match="nosuch.key"):
+        config.load_config(None, ["nosuch.key=1"])
+    with pytest.raises(config.ConfigError, match="key.sub=value"):
+        config.load_config(None, ["train.epochs"])
 
 
 def test_config_file_is_merged_over_defaults_with_the_same_checks(tmp_path):
     path = tmp_path / "preset.yaml"
     path.write_text("model:\n  num_embeds: 7\ntrain:\n  batch_size: 64\n")
-    cfg = train.load_config(str(path), ["train.batch_size=32"])
+    cfg = config.load_config(str(path), ["train.batch_size=32"])
     assert cfg["model"]["num_embeds"] == 7 and cfg["train"]["batch_size"] == 32
-    assert cfg["model"]["embed_dim"] == train.load_config()["model"]["embed_dim"]
+    assert cfg["model"]["embed_dim"] == config.load_config()["model"]["embed_dim"]
     path.write_text("model:\n  num_embedz: 7\n")
-    with pytest.raises(train.ConfigError, match="model.num_embedz.*preset.yaml"):
-        train.load_config(str(path))
+    with pytest.raises(config.ConfigError, match="model.num_embedz.*preset.yaml"):
+        config.load_config(str(path))
 
 
 def test_impossible_combinations_are_rejected_before_training():
-    cfg = train.load_config(None, ["train.batch_size=10"])
-    with pytest.raises(train.ConfigError, match="divisible by the number of processes"):
-        train.validate_config(cfg, world_size=3)
-    with pytest.raises(train.ConfigError, match="loss.similarity='hungarian'"):
-        train.validate_config(train.load_config(None, ["loss.similarity=hungarian"]), world_size=1)
+    cfg = config.load_config(None, ["train.batch_size=10"])
+    with pytest.raises(config.ConfigError, match="divisible by the number of processes"):
+        config.validate_config(cfg, world_size=3)
+    with pytest.raises(config.ConfigError, match="loss.similarity='hungarian'"):
+        config.validate_config(config.load_config(None, ["loss.similarity=hungarian"]), world_size=1)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -245,8 +246,8 @@ def test_an_existing_run_is_never_overwritten_without_resume(tmp_path):
     assert train.main(base) == 0
     last = tmp_path / "runs" / "run" / "last.pt"
     before = last.read_bytes()
-    with pytest.raises(train.ConfigError, match="--resume auto"):
-        train.train(train.load_config(None, base))
+    with pytest.raises(config.ConfigError, match="--resume auto"):
+        train.train(config.load_config(None, base))
     assert last.read_bytes() == before
 
 
