@@ -2,47 +2,93 @@
 
     python evaluate.py --ckpt runs/shapes_maxmatch/best.pt
     python evaluate.py --ckpt best.pt --method greedy --split val --data.root /new/place --out m.json
+    python evaluate.py --ckpt a.pt b.pt            # each model, then the ensemble (mean score matrix)
+    python evaluate.py --ckpt best.pt --figures figs/   # also draw the sets (figures.py), figs/index.html
 
 Every test image and caption is encoded once as a set; the (N_img, N_cap) score matrix comes from
-`similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch); for
-max_pair and greedy by default from `similarity.rank_preserving_scores` (eval.rank_bounds), which
-matches exactly only the pairs whose bounds could change a rank: the same metrics, far fewer matchings.
-i2t ranks the best-ranked of an image's ground-truth captions, t2i the caption's image. MS-COCO
+`similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch); for one
+model scored with max_pair or greedy, by default from `similarity.rank_preserving_scores`
+(eval.rank_bounds), which matches exactly only the pairs whose bounds could change a rank: the
+same metrics, far fewer matchings (ensembles average full matrices).
+i2t ranks the best-ranked of an image's ground-truth captions, t2i the caption's image; ties count
+against the ground truth (`retrieval_metrics`). `--out` writes the layout of test_metrics.json. MS-COCO
 prints "1K" (the mean of five folds of 1,000 images; RSUM = sum of the averaged recalls) and "5K".
 """
 import argparse
+import functools
 import json
+import os
 import sys
 
 import torch
 
 from config import ConfigError, apply_overrides, checkpoint_config
 from data import DataError, build_loader, build_text_tokenizer, prepare_data
+from figures import FiguresError, check_figures_request, write_figures
 from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
 from similarity import rank_preserving_scores, score_matrix
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+PROTOCOLS = ("all", "1k")          # result keys that hold metrics; the others are 'collapse', 'method'...
 COCO_TEST_IMAGES, COCO_FOLD_IMAGES = 5000, 1000   # MS-COCO 5K test (val) split and its 1K folds
 RANK_BOUND_METHODS = ("max_pair", "greedy")         # eval.rank_bounds applies to these
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError)   # one line on stderr, exit code 2
+
+
+class DataMismatchError(Exception):
+    """Checkpoints of one ensemble that evaluate different data; the message names the two."""
+
+
+class FlagError(Exception):
+    """A bad command-line flag or flag value (argparse's complaints included)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises FlagError instead of printing its usage and exiting, so a bad flag
+    ends as one line `error: ...` and exit code 2 like every other user error."""
+
+    def error(self, message):
+        raise FlagError(f"{message} (see --help)")
+
+
+# one line on stderr, exit code 2
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, DataMismatchError, FlagError)
 
 
 def retrieval_metrics(scores, caption_to_image):
     """Recall@{1,5,10} both ways (percent), RSUM, median and mean ranks.
 
     scores (N_img, N_cap); caption_to_image (N_cap,) long, the image index of every caption.
-    Ranks count the items scored strictly higher than the ground truth (ties favour it).
+    Ties count AGAINST the ground truth (METHOD.md §5): the rank of the ground truth (0 = first)
+    is the number of OTHER items scoring greater than or equal to it.
+    - i2t: the threshold of image i is the score of its best ground-truth caption; its rank is
+      the number of captions of other images scoring >= that threshold in row i (its own other
+      captions do not count).
+    - t2i: the threshold of caption j is the score of its own image; its rank is the number of
+      other images scoring >= that threshold in column j.
+    A collapsed model (all scores equal) therefore ranks every ground truth last, never first.
+    On tie-free scores this is the standard VSE++ ranking. Ranks depend only on the ground-truth
+    scores and on whether each entry is >= its row's and its column's threshold, so a matrix whose
+    non-ground-truth entries are replaced by bounds on the same side of both thresholds gives the
+    same metrics. NaN scores raise ValueError (they would compare as neither better nor worse).
     """
-    scores = scores.float()
-    caption_to_image = caption_to_image.to(scores.device)
-    gt = torch.zeros_like(scores, dtype=torch.bool)
-    gt[caption_to_image, torch.arange(scores.shape[1], device=scores.device)] = True
-    best_gt_caption = scores.masked_fill(~gt, float("-inf")).amax(dim=1, keepdim=True)   # (N_img, 1)
-    if torch.isinf(best_gt_caption).any():
+    scores = scores if scores.dtype == torch.float64 else scores.float()   # half precision would add ties
+    if torch.isnan(scores).any():
+        raise ValueError("NaN in the score matrix: ranks would be meaningless")
+    num_images, num_captions = scores.shape
+    caption_to_image = caption_to_image.to(scores.device).long()
+    if caption_to_image.shape != (num_captions,):
+        raise ValueError(f"caption_to_image has shape {tuple(caption_to_image.shape)}, expected ({num_captions},)")
+    if torch.bincount(caption_to_image, minlength=num_images).eq(0).any():
         raise ValueError("every image needs at least one caption in caption_to_image")
-    i2t_ranks = (scores > best_gt_caption).sum(dim=1)                                     # (N_img,)
-    gt_image_score = scores.gather(0, caption_to_image.unsqueeze(0))                      # (1, N_cap)
-    t2i_ranks = (scores > gt_image_score).sum(dim=0)                                      # (N_cap,)
+    gt_scores = scores[caption_to_image, torch.arange(num_captions, device=scores.device)]   # (N_cap,)
+    best_gt_caption = scores.new_full((num_images,), float("-inf")).scatter_reduce(
+        0, caption_to_image, gt_scores, reduce="amax")                                       # (N_img,)
+    # i2t: all captions >= the threshold, minus the image's own captions >= it (at least its best one)
+    own_at_or_above = torch.zeros(num_images, dtype=torch.long, device=scores.device).scatter_add(
+        0, caption_to_image, (gt_scores >= best_gt_caption[caption_to_image]).long())
+    i2t_ranks = (scores >= best_gt_caption[:, None]).sum(dim=1) - own_at_or_above          # (N_img,)
+    # t2i: all images >= the threshold, minus the caption's own image (equal to it)
+    t2i_ranks = (scores >= gt_scores[None, :]).sum(dim=0) - 1                               # (N_cap,)
     metrics = {}
     for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         for k in (1, 5, 10):
@@ -116,36 +162,151 @@ def encode_split(model, loader, device, amp=None):
             torch.cat(caption_globals), torch.cat(owners))
 
 
-def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False):
+def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False, encoded=None):
     """Encode the loader's split, score it, and return {protocol: metrics} plus 'collapse', 'method'.
 
     'all' ranks within the whole split (for 5,000 MS-COCO images: the 5K protocol); 5,000
-    MS-COCO images also give '1k', the mean over five folds of 1,000.
+    MS-COCO images also give '1k', the mean over five folds of 1,000. This dict is the one JSON
+    layout of test_metrics.json and `evaluate.py --out` (see `write_results`). `encoded`:
+    encode_split's output for this loader when the caller already has it.
     """
+    method, options = similarity_settings(cfg, method, options)
+    scores, caption_to_image, collapse = score_split(model, cfg, loader, device, method, options, progress,
+                                                     encoded, ranks_only=True)
+    results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
+    results["collapse"] = collapse
+    results["method"] = method
+    return results
+
+
+def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=False, draw=None):
+    """Evaluate each checkpoint and, for several, their ensemble: the mean of their score matrices.
+
+    Each checkpoint encodes the split with its own config (plus `overrides`), vocabulary and
+    similarity (`method` overrides it for all). Returns (per_model, ensemble): per_model a list of
+    {"ckpt": path, "split": name, **results}, ensemble None for one checkpoint, else
+    {protocol: metrics, "method": "..."} ranked by `retrieval_metrics` like a single model. The
+    sum is accumulated in place in the first model's matrix: one score matrix plus the one being
+    added are in memory at a time. Checkpoints whose split differs (other images, captions,
+    caption counts or order) raise DataMismatchError naming the two. `draw(model, cfg, loader, device,
+    encoded, results)`, if given, is called for each model with its encoded split (--figures).
+    """
+    for path in paths:                      # a missing file fails before hours of encoding the others
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {path!r} does not exist")
+    per_model, summed, reference = [], None, None
+    for path in paths:
+        checkpoint = load_checkpoint(path)
+        cfg = apply_overrides(checkpoint_config(checkpoint, path), overrides)
+        model_method, options = similarity_settings(cfg, method)
+        check_similarity(model_method, options, cfg["model"]["num_embeds"])
+        model_split = split or cfg["data"]["test_split"]
+        model, loader, device = build_eval_context(cfg, checkpoint, model_split)
+        del checkpoint
+        signature = split_signature(loader.dataset)
+        if reference is None:
+            reference = (path, model_split, signature)
+        else:
+            check_same_split(reference, (path, model_split, signature))
+        encoded = encode_split(model, loader, device, cfg["train"]["amp"]) if draw else None
+        scores, caption_to_image, collapse = score_split(model, cfg, loader, device, model_method, options,
+                                                         progress, encoded, ranks_only=len(paths) == 1)
+        results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
+        per_model.append({"ckpt": path, "split": model_split, **results, "collapse": collapse,
+                          "method": model_method})
+        if draw:
+            draw(model, cfg, loader, device, encoded, per_model[-1])
+        del model, encoded
+        if len(paths) > 1:
+            if summed is None:
+                summed = scores                      # the first model's matrix becomes the accumulator
+            else:
+                summed += scores.to(summed.device)
+        del scores
+    if summed is None:
+        return per_model, None
+    summed /= len(paths)
+    ensemble = ranking_results(summed, caption_to_image, cfg["data"]["dataset"])
+    ensemble["method"] = f"mean of {len(paths)} score matrices ({', '.join(r['method'] for r in per_model)})"
+    return per_model, ensemble
+
+
+def score_split(model, cfg, loader, device, method, options, progress=False, encoded=None, ranks_only=False):
+    """Encode the split once and score it: scores (N_img, N_cap), caption_to_image (N_cap,), and the
+    collapse diagnostics {'image': ..., 'caption': ...}. The sets are freed on return unless the
+    caller passed them in as `encoded` (encode_split's output). ranks_only=True (the caller only
+    ranks the matrix): with eval.rank_bounds, max_pair and greedy pairs that cannot change a rank
+    hold an upper bound instead of their score (similarity.rank_preserving_scores)."""
+    image_sets, image_globals, caption_sets, caption_globals, caption_to_image = (
+        encoded if encoded is not None else encode_split(model, loader, device, cfg["train"]["amp"]))
+    if ranks_only and cfg["eval"]["rank_bounds"] and method in RANK_BOUND_METHODS:
+        scores, _ = rank_preserving_scores(image_sets, caption_sets, caption_to_image, method=method,
+                                           chunk_size=cfg["eval"]["chunk_size"], progress=progress, **options)
+    else:
+        scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
+                              progress=progress, **options)
+    collapse = {
+        "image": collapse_diagnostics(image_sets, image_globals),
+        "caption": collapse_diagnostics(caption_sets, caption_globals),
+    }
+    return scores, caption_to_image, collapse
+
+
+def ranking_results(scores, caption_to_image, dataset):
+    """{'all': metrics} plus '1k' (five folds) for a 5,000-image MS-COCO split."""
+    results = {"all": retrieval_metrics(scores, caption_to_image)}
+    if dataset in ("coco", "precomputed") and scores.shape[0] == COCO_TEST_IMAGES:
+        results["1k"] = five_fold_metrics(scores, caption_to_image, fold_size=COCO_FOLD_IMAGES)
+    return results
+
+
+def similarity_settings(cfg, method=None, options=None):
+    """The similarity method and options to evaluate with: the arguments, else eval.method and
+    eval.similarity_options, else the trained loss.similarity with its options."""
     method = method or cfg["eval"]["method"] or cfg["loss"]["similarity"]
     if options is None:
         options = cfg["eval"]["similarity_options"]
         if options is None:
             options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
-    amp = cfg["train"]["amp"]
-    image_sets, image_globals, caption_sets, caption_globals, caption_to_image = encode_split(
-        model, loader, device, amp)
-    if cfg["eval"]["rank_bounds"] and method in RANK_BOUND_METHODS:  # the same ranks, few pairs matched
-        scores, _ = rank_preserving_scores(image_sets, caption_sets, caption_to_image, method=method,
-                                           chunk_size=cfg["eval"]["chunk_size"], progress=progress,
-                                           **(options or {}))
+    return method, dict(options or {})
+
+
+def check_similarity(method, options, num_embeds):
+    """Raise FlagError for an unknown method or a bad option, before anything is encoded."""
+    sets = torch.nn.functional.normalize(torch.randn(2, num_embeds, 4), dim=-1)
+    try:
+        score_matrix(sets, sets, method=method, **options)
+    except (ValueError, TypeError) as error:
+        raise FlagError(f"similarity {method!r}: {error}") from None
+
+
+def split_signature(dataset):
+    """What must agree for two checkpoints' score matrices to be averaged: the images (their files,
+    or the feature file with its row step and count) and every image's captions, in order."""
+    if hasattr(dataset, "paths"):
+        images = [os.path.abspath(str(path)) for path in dataset.paths]
     else:
-        scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
-                              progress=progress, **(options or {}))
-    results = {"all": retrieval_metrics(scores, caption_to_image)}
-    if cfg["data"]["dataset"] in ("coco", "precomputed") and image_sets.shape[0] == COCO_TEST_IMAGES:
-        results["1k"] = five_fold_metrics(scores, caption_to_image, fold_size=COCO_FOLD_IMAGES)
-    results["collapse"] = {
-        "image": collapse_diagnostics(image_sets, image_globals),
-        "caption": collapse_diagnostics(caption_sets, caption_globals),
-    }
-    results["method"] = method
-    return results
+        images = (os.path.abspath(str(dataset.images_path)), dataset.image_step, len(dataset))
+    return {"images": images, "captions per image": dataset.captions_per_image,
+            "captions": [list(captions) for captions in dataset.captions]}
+
+
+def check_same_split(first, second):
+    """Raise DataMismatchError naming both checkpoints when (path, split, signature) differ."""
+    for part in first[2]:
+        if first[2][part] != second[2][part]:
+            raise DataMismatchError(
+                f"checkpoints {first[0]!r} (split {first[1]!r}) and {second[0]!r} (split {second[1]!r}) "
+                f"evaluate different data ({part} differ): an ensemble needs the same split in the same order")
+
+
+def write_results(results, path):
+    """The results dict as JSON: {"all": {...}, "1k": {...} (5,000-image COCO splits only),
+    "collapse": {"image": {...}, "caption": {...}}, "method": "..."}. An ensemble writes
+    {"models": [{"ckpt": path, "split": name, <that layout>}, ...], "ensemble": {"all": ..., "1k": ...,
+    "method": ...}}."""
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
 
 
 def build_eval_context(cfg, checkpoint, split, device=None):
@@ -178,45 +339,93 @@ def format_results(results, title=""):
     return "\n".join(lines)
 
 
+def format_ensemble(per_model, ensemble):
+    """One table: a row per model and protocol, then the ensemble's; the collapse diagnostics below."""
+    width = max(len("ensemble"), *(len(r["ckpt"]) for r in per_model)) + 2
+    header = f"{'':{width}s}{'':6s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
+    lines = [f"split {per_model[0]['split']}", header]
+    for name, results in [(r["ckpt"], r) for r in per_model] + [("ensemble", ensemble)]:
+        for protocol, metrics in results.items():
+            if protocol in PROTOCOLS:
+                row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
+                lines.append(f"{name:{width}s}{protocol:6s}{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}")
+    lines.append(f"ensemble: {ensemble['method']}")
+    lines.append("set collapse (intra-set cos | cos to global | log var):")
+    for results in per_model:
+        for modality, diag in results["collapse"].items():
+            lines.append(f"  {results['ckpt']:{width}s}{modality:8s}{diag['intra_set_cos']:8.3f} | "
+                         f"{diag['global_cos']:6.3f} | {diag['log_set_variance']:7.3f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
+    parser = ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--ckpt", nargs="+", required=True,
+                        help="a best.pt or last.pt written by train.py; several: each, then their ensemble")
     parser.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
     parser.add_argument("--method", default=None, help="similarity for scoring (default: the trained one)")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
-    args, rest = parser.parse_known_args(argv)
-    overrides = [arg[2:] if arg.startswith("--") else arg for arg in rest]
-    overrides = join_flag_values(overrides)
+    parser.add_argument("--figures", default=None, metavar="DIR", help="also draw the sets as PNGs + DIR/index.html")
+    parser.add_argument("--figures-count", type=int, default=8, metavar="N", help="images in the figures (default 8)")
     try:
-        checkpoint = load_checkpoint(args.ckpt)
-        cfg = apply_overrides(checkpoint_config(checkpoint, args.ckpt), overrides)
-        split = args.split or cfg["data"]["test_split"]
-        model, loader, device = build_eval_context(cfg, checkpoint, split)
-        results = evaluate_model(model, cfg, loader, device, method=args.method, progress=args.progress)
-    except USER_ERRORS as error:
+        flags, overrides = separate_overrides(sys.argv[1:] if argv is None else list(argv), parser)
+        args = parser.parse_args(flags)
+        draw = figures_request(args)
+        per_model, ensemble = evaluate_checkpoints(args.ckpt, overrides, split=args.split, method=args.method,
+                                                   progress=args.progress, draw=draw)
+    except USER_ERRORS + (FiguresError,) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_results(results, title=f"{args.ckpt} | split {split}"))
+    if ensemble is None:
+        results = {key: value for key, value in per_model[0].items() if key not in ("ckpt", "split")}
+        print(format_results(results, title=f"{args.ckpt[0]} | split {per_model[0]['split']}"))
+    else:
+        results = {"models": per_model, "ensemble": ensemble}
+        print(format_ensemble(per_model, ensemble))
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_results(results, args.out)
     return 0
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def join_flag_values(items):
-    """['data.root', '/x', 'eval.chunk_size=64'] -> ['data.root=/x', 'eval.chunk_size=64']."""
-    joined, i = [], 0
-    while i < len(items):
-        if "=" not in items[i] and i + 1 < len(items):
-            joined.append(f"{items[i]}={items[i + 1]}")
-            i += 2
-        else:
-            joined.append(items[i])
+def figures_request(args):
+    """None without --figures; else a check that DIR is writable (before any evaluation) and the
+    draw callback of evaluate_checkpoints that writes the figures of the one checkpoint into DIR."""
+    if args.figures is None:
+        return None
+    if len(args.ckpt) > 1:
+        raise FiguresError("--figures draws one checkpoint; give --ckpt a single path")
+    check_figures_request(args.figures, args.figures_count)
+    return functools.partial(write_figures, args.figures, count=args.figures_count, title=args.ckpt[0])
+
+
+def separate_overrides(argv, parser):
+    """Split a command line into the parser's flags and key.sub=value overrides, in any order.
+
+    An argument containing '=' is an override (a leading '--' dropped), never a checkpoint, unless
+    it is --flag=value of a flag of `parser`; an unknown --key.sub followed by a value is the
+    override key.sub=value. Returns (flags for parser.parse_args, overrides in their order).
+    """
+    known = {option for action in parser._actions for option in action.option_strings}
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-") and arg.split("=", 1)[0] in known:
+            flags.append(arg)
+        elif "=" in arg:
+            overrides.append(arg[2:] if arg.startswith("--") else arg)
+        elif arg.startswith("--") and i + 1 < len(argv) and "=" not in argv[i + 1] \
+                and not argv[i + 1].startswith("--"):
+            overrides.append(f"{arg[2:]}={argv[i + 1]}")
             i += 1
-    return joined
+        elif arg.startswith("--"):
+            overrides.append(arg[2:])     # no value: apply_overrides names it
+        else:
+            flags.append(arg)             # a flag's value, or a stray word argparse will name
+        i += 1
+    return flags, overrides
 
 
 if __name__ == "__main__":

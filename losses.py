@@ -6,7 +6,7 @@ L = L_tri + l_con L_con + l_mmd L_mmd + l_div L_div + l_gd L_gd + l_isd L_isd   
 - contrastive_loss           symmetric multi-positive InfoNCE on S / tau.
 - mmd_loss                   MMD between image and caption set elements (Laplacian or Gaussian).
 - uniformity_loss            DivE diversity on normalised residuals: mean_{a<b} exp(-2 |r_a - r_b|^2).
-- pvse_diversity_loss        PVSE diversity: |R R^T - I|_F^2 / K^2.
+- pvse_diversity_loss        PVSE diversity: |R R^T - I|_F / K^2 (PVSE's code: plain norm).
 - global_discriminative_loss (paper) mean_k exp(s (cos(S_k, g) - delta)).
 - intra_set_divergence_loss  (paper) mean_{j != k} exp(s (cos(S_j, S_k) - delta)).
 - maxmatch_loss              the weighted total from the `loss` section of config.yaml.
@@ -111,12 +111,15 @@ def uniformity_loss(residuals):
 
 
 def pvse_diversity_loss(residuals):
-    """PVSE diversity: |R R^T - I|_F^2 / K^2 with R the normalised residuals, mean over samples.
-    residuals (N, K, D) -> scalar."""
+    """PVSE diversity: |R R^T - I|_F / K^2 with R the normalised residuals, mean over samples.
+
+    The plain (not squared) Frobenius norm divided by K^2, as in PVSE's and DivE's released code
+    (`torch.norm(gram) / num_embeds**2`), so `loss.div.weight` means what it means there. Its
+    gradient at an orthogonal set (norm 0) is 0, not NaN. residuals (N, K, D) -> scalar."""
     k = residuals.shape[1]
     unit = F.normalize(residuals, dim=-1)  # (N, K, D)
     gram = unit @ unit.transpose(1, 2) - torch.eye(k, dtype=unit.dtype, device=unit.device)  # (N, K, K)
-    return gram.pow(2).sum((1, 2)).mean() / k**2
+    return torch.linalg.matrix_norm(gram).mean() / k**2      # Frobenius norm per sample: (N,)
 
 
 def global_discriminative_loss(sets, global_features, scale=10.0, delta=0.5):

@@ -12,6 +12,8 @@ feature (B, D), followed by a set head (DivE, CVPR 2023, with our padding fix):
 Slot competition: the attention softmax runs over the SLOT axis, then padded keys are zeroed and
 the weights renormalised over the keys, so an input's set never depends on padding or on the other
 inputs of its batch (DivE masks before the slot softmax and fails this).
+`return_attention=True` (SetHead, MaxMatchModel.encode_images / encode_captions / forward) also
+returns a SetAttention: where each element looked in the last iteration (drawn by figures.py).
 
 Image backbones: torchvision ResNet grid (`cnn`), torchvision ViT patch tokens (`vit`), or
 precomputed region features (`precomputed`). Text backbones: BiGRU over a word vocabulary (`gru`)
@@ -41,6 +43,12 @@ class SetEmbedding(NamedTuple):
     global_: torch.Tensor     # (B, D) normalised LN_res(g)
 
 
+class SetAttention(NamedTuple):
+    """Where each set element looked: see SetHead.forward(..., return_attention=True)."""
+    weights: torch.Tensor     # (B, K, N) last iteration's attention, mean over heads; rows sum to 1 over real keys
+    mask: torch.Tensor        # (B, N) bool, True at real (unpadded) positions; weights are 0 elsewhere
+
+
 def build_model(cfg, vocab=None):
     """The full two-tower model from the config dict; `vocab` (list of words) for the GRU text encoder."""
     model_cfg = cfg["model"]
@@ -67,17 +75,21 @@ class MaxMatchModel(nn.Module):
         self.image_head = image_head
         self.text_head = text_head
 
-    def encode_images(self, batch):
+    def encode_images(self, batch, return_attention=False):
+        """SetEmbedding of every image; with return_attention=True, (SetEmbedding, SetAttention)."""
         local, mask, global_feature = self.image_encoder(batch)
-        return self.image_head(local, mask, global_feature)
+        return self.image_head(local, mask, global_feature, return_attention=return_attention)
 
-    def encode_captions(self, batch):
+    def encode_captions(self, batch, return_attention=False):
+        """SetEmbedding of every caption; with return_attention=True, (SetEmbedding, SetAttention)."""
         local, mask, global_feature = self.text_encoder(batch["tokens"], batch["lengths"],
                                                         host_lengths=batch.get("host_lengths"))
-        return self.text_head(local, mask, global_feature)
+        return self.text_head(local, mask, global_feature, return_attention=return_attention)
 
-    def forward(self, batch):
-        return self.encode_images(batch), self.encode_captions(batch)
+    def forward(self, batch, return_attention=False):
+        """(image sets, caption sets); with return_attention=True each is a (SetEmbedding, SetAttention) pair."""
+        return (self.encode_images(batch, return_attention=return_attention),
+                self.encode_captions(batch, return_attention=return_attention))
 
     def parameter_groups(self):
         """Trainable parameters by learning-rate group: image_backbone, text_backbone, heads."""
@@ -108,18 +120,35 @@ class SetHead(nn.Module):
         self.norm_last = nn.LayerNorm(dim)
         self.norm_global = nn.LayerNorm(dim)
 
-    def forward(self, local, mask, global_feature):
-        # local (B, N, D), mask (B, N) bool (True = real token), global_feature (B, D)
+    def forward(self, local, mask, global_feature, return_attention=False):
+        """local (B, N, D), mask (B, N) bool (True = real token), global_feature (B, D) -> SetEmbedding.
+
+        return_attention=True also returns a SetAttention: the attention weights of the LAST
+        iteration (the one that produced the set), averaged over heads, (B, K, N). Each head's
+        weights are renormalised exactly over the real keys (the model itself divides by their sum
+        + 1e-7, a relative difference of at most 1e-7 / that sum), so every element's weights sum
+        to 1 over the real positions and are 0 at padding. The set is the same either way.
+        """
+        if return_attention and self.depth < 1:
+            raise ModelError("return_attention=True needs model.set_head.depth >= 1")
         position = normalised_position_encoding(mask, local.shape[-1]) if self.use_position else None
         # keys and values depend only on the input: once per distinct block, not per iteration
         memories = [block.keys_values(local, position) for block in self.blocks]
         x = self.slots.unsqueeze(0).expand(local.shape[0], -1, -1)   # (B, K, D)
         for i in range(self.depth):
-            x = self.blocks[i % len(self.blocks)](x, memories[i % len(self.blocks)], mask)
+            block, memory = self.blocks[i % len(self.blocks)], memories[i % len(self.blocks)]
+            if return_attention and i == self.depth - 1:
+                x, head_weights = block(x, memory, mask, return_weights=True)    # head_weights (B, H, K, N)
+            else:
+                x = block(x, memory, mask)
         residuals = self.norm_last(x)                                # (B, K, D)
         global_normed = self.norm_global(global_feature)             # (B, D)
         sets = F.normalize(global_normed.unsqueeze(1) + residuals, dim=-1)
-        return SetEmbedding(sets, residuals, F.normalize(global_normed, dim=-1))
+        embedding = SetEmbedding(sets, residuals, F.normalize(global_normed, dim=-1))
+        if not return_attention:
+            return embedding
+        totals = head_weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(head_weights.dtype).tiny)
+        return embedding, SetAttention((head_weights / totals).mean(dim=1), mask)   # (B, K, N)
 
 
 class SetHeadBlock(nn.Module):
@@ -137,9 +166,14 @@ class SetHeadBlock(nn.Module):
     def keys_values(self, local, position=None):
         return self.attention.keys_values(self.norm_local(local), position)
 
-    def forward(self, x, keys_values, mask):
-        x = x + self.attention(self.norm_slots(x), keys_values, mask)
-        return x + self.feed_forward(self.norm_ff(x))
+    def forward(self, x, keys_values, mask, return_weights=False):
+        """x (B, K, D) -> (B, K, D); with return_weights=True also the attention weights (B, H, K, N)."""
+        update = self.attention(self.norm_slots(x), keys_values, mask, return_weights=return_weights)
+        if return_weights:
+            update, weights = update
+        x = x + update
+        x = x + self.feed_forward(self.norm_ff(x))
+        return (x, weights) if return_weights else x
 
 
 class SlotCompetitionAttention(nn.Module):
@@ -160,15 +194,15 @@ class SlotCompetitionAttention(nn.Module):
         keys_in = local if position is None else local + position
         return split_heads(self.to_k(keys_in), self.heads), split_heads(self.to_v(local), self.heads)
 
-    def forward(self, slots, keys_values, mask):
+    def forward(self, slots, keys_values, mask, return_weights=False):
         # slots (B, K, D), keys_values from keys_values(), mask (B, N) bool
         k, v = keys_values
         q = split_heads(self.to_q(slots), self.heads)                          # (B, H, K, d)
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])              # (B, H, K, N)
         weights = logits.softmax(dim=-2) * mask[:, None, None, :].to(logits.dtype)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-7)
-        out = weights @ v                                                      # (B, H, K, d)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        out = self.to_out((weights @ v).transpose(1, 2).flatten(2))            # (B, K, D)
+        return (out, weights) if return_weights else out
 
 
 def split_heads(x, heads):

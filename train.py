@@ -12,9 +12,9 @@ every caption with `similarity.pairwise_similarity` (exact max_pair by default) 
 `train.batch_size` is the GLOBAL number of images per step.
 
 A run directory `<run.out_dir>/<run.name>` holds config.yaml, log.jsonl, last.pt, best.pt (by
-validation RSUM) and, at the end, test_metrics.json. Checkpoints are written atomically.
+validation RSUM, ties counted against the ground truth as in evaluate.py) and, at the end,
+test_metrics.json (the layout of `evaluate.py --out`). Checkpoints are written atomically.
 """
-import argparse
 import json
 import math
 import os
@@ -31,7 +31,8 @@ from tqdm import tqdm
 from config import ConfigError, load_config, validate_config
 from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, prepare_data,
                   set_loader_epoch, training_captions)
-from evaluate import build_eval_context, evaluate_model, format_results
+from evaluate import (ArgumentParser, FlagError, build_eval_context, evaluate_model, format_results,
+                      write_results)
 from losses import maxmatch_loss
 from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
 from similarity import pairwise_similarity
@@ -43,16 +44,12 @@ class TrainingError(Exception):
     """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FlagError, TrainingError)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train MaxMatch; overrides are key.sub=value")
-    parser.add_argument("--config", default=None, help="YAML merged over config.yaml (default: config.yaml)")
-    parser.add_argument("--resume", default=None, help="'auto' (<run dir>/last.pt if present) or a checkpoint path")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
-    args = parser.parse_args(argv)
     try:
+        args = parse_command_line(argv)
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume)
     except USER_ERRORS as error:
@@ -61,6 +58,15 @@ def main(argv=None):
     except Interrupted as stop:
         return stop.exit_code
     return 0
+
+
+def parse_command_line(argv=None):
+    """--config, --resume and key.sub=value overrides, in any order (overrides keep their order)."""
+    parser = ArgumentParser(description="Train MaxMatch; overrides are key.sub=value", allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML merged over config.yaml (default: config.yaml)")
+    parser.add_argument("--resume", default=None, help="'auto' (<run dir>/last.pt if present) or a checkpoint path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    return parser.parse_intermixed_args(argv)
 
 
 # ----------------------------------------------------------------------------- training
@@ -220,8 +226,7 @@ def final_test(cfg, run_dir, device):
     model, loader, device = build_eval_context(cfg, checkpoint, cfg["data"]["test_split"], device)
     results = evaluate_model(model, cfg, loader, device)
     print(format_results(results, title=f"test split, best checkpoint (epoch {checkpoint['epoch']})"), flush=True)
-    with open(os.path.join(run_dir, "test_metrics.json"), "w") as handle:    # 'all' flat, '1k' etc. as keys
-        json.dump({**results["all"], **{k: v for k, v in results.items() if k != "all"}}, handle, indent=2)
+    write_results(results, os.path.join(run_dir, "test_metrics.json"))     # the layout of evaluate.py --out
     return results
 
 

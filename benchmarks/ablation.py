@@ -162,7 +162,7 @@ def run_one(name, seed, overrides, out):
         message = f"{run_dir} holds a run with another config; delete it or pass --out"
         print(f"FAILED {name} seed {seed}: {message}", flush=True)
         return {**result, "error": message}
-    if started_before and os.path.exists(record) and os.path.exists(metrics_path):
+    if started_before and os.path.exists(record) and current_layout(metrics_path):
         with open(record) as handle:
             previous = json.load(handle)
         return {**result, **read_metrics(run_dir), "seconds": previous["seconds"], "reused": True}
@@ -205,6 +205,16 @@ def trained_with(run_dir, overrides):
     return saved == wanted
 
 
+def current_layout(metrics_path):
+    """Whether test_metrics.json exists in today's layout ({"all": {...}, ...}). An older flat file
+    (written before ties counted against the ground truth) is not reused: --resume auto on the
+    finished run evaluates best.pt again and rewrites it."""
+    if not os.path.exists(metrics_path):
+        return False
+    with open(metrics_path) as handle:
+        return "all" in json.load(handle)
+
+
 def read_metrics(run_dir):
     """Test metrics of best.pt plus the best validation RSUM from log.jsonl."""
     with open(os.path.join(run_dir, "test_metrics.json")) as handle:
@@ -212,7 +222,8 @@ def read_metrics(run_dir):
     with open(os.path.join(run_dir, "log.jsonl")) as handle:
         epochs = [entry for entry in map(json.loads, handle) if "val" in entry]
     best = max(epochs, key=lambda entry: entry["val"]["rsum"])      # the epoch best.pt comes from
-    return {"rsum": metrics["rsum"], "i2t_r1": metrics["i2t_r1"], "t2i_r1": metrics["t2i_r1"],
+    test = metrics["all"]
+    return {"rsum": test["rsum"], "i2t_r1": test["i2t_r1"], "t2i_r1": test["t2i_r1"],
             "collapse": metrics["collapse"], "val_rsum": best["val"]["rsum"], "val_i2t_r1": best["val"]["i2t_r1"],
             "val_t2i_r1": best["val"]["t2i_r1"], "val_collapse": best["collapse"]}
 

@@ -102,8 +102,18 @@ def test_uniformity_hand_computed_on_unnormalised_residuals():
 
 
 def test_pvse_diversity_hand_computed_and_zero_for_orthogonal():
-    assert losses.pvse_diversity_loss(RESIDUALS).item() == pytest.approx(2 / 9, abs=1e-12)
+    # normalised: e0, e1, e0 -> R R^T - I has two off-diagonal ones: plain Frobenius norm sqrt(2), / K^2 = 9
+    assert losses.pvse_diversity_loss(RESIDUALS).item() == pytest.approx(math.sqrt(2) / 9, abs=1e-12)
+    # a collapsed sample has six off-diagonal ones (norm sqrt(6)); two samples: the mean of their norms
+    two = torch.cat([RESIDUALS, torch.tensor([[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]], dtype=torch.float64)])
+    assert losses.pvse_diversity_loss(two).item() == pytest.approx((math.sqrt(2) + math.sqrt(6)) / 2 / 9, abs=1e-12)
     assert losses.pvse_diversity_loss(RESIDUALS[:, :2]).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pvse_diversity_gradient_is_zero_not_nan_at_an_orthogonal_set():
+    residuals = torch.eye(3, dtype=torch.float64).unsqueeze(0).requires_grad_(True)
+    losses.pvse_diversity_loss(residuals).backward()
+    assert torch.equal(residuals.grad, torch.zeros_like(residuals))
 
 
 @pytest.mark.parametrize("diversity", [losses.uniformity_loss, losses.pvse_diversity_loss])

@@ -1,5 +1,6 @@
 """train.py / evaluate.py end to end on tiny data: config handling, a CPU run, exact resume,
 DDP equivalence, interruption, and the one-line errors a user can cause."""
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import config
+import evaluate
 import train
 from model import load_checkpoint
 
@@ -96,6 +98,29 @@ def test_impossible_combinations_are_rejected_before_training():
         config.validate_config(config.load_config(None, ["loss.similarity=hungarian"]), world_size=1)
 
 
+@pytest.mark.parametrize("argv", [
+    ["train.epochs=1", "--resume", "auto", "model.num_embeds=2"],
+    ["--resume", "auto", "train.epochs=1", "model.num_embeds=2"],
+    ["train.epochs=1", "model.num_embeds=2", "--resume", "auto"],
+    ["train.epochs=1", "--resume=auto", "model.num_embeds=2"],
+])
+def test_flags_and_overrides_come_in_any_order(argv):
+    args = train.parse_command_line(argv + ["--config", "x.yaml", "train.epochs=4"])
+    assert (args.config, args.resume) == ("x.yaml", "auto")
+    assert args.overrides == ["train.epochs=1", "model.num_embeds=2", "train.epochs=4"]    # order kept: last wins
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume"], "argument --resume: expected one argument"),
+    (["--nosuch", "x"], "unrecognized arguments: --nosuch"),
+    (["--res", "auto"], "unrecognized arguments: --res"),
+])
+def test_bad_train_flags_give_one_line_and_exit_2(capsys, argv, message):
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     multiplier = train.cosine_with_warmup(total_steps=110, warmup_steps=10)
     assert multiplier(0) == pytest.approx(0.1) and multiplier(9) == pytest.approx(1.0)
@@ -105,7 +130,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(tmp_path):
+def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(tmp_path, capsys):
     result = run_cli(["train.py", *tiny_overrides(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "run"
@@ -120,12 +145,42 @@ def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(t
     evaluated = run_cli(["evaluate.py", "--ckpt", str(run_dir / "best.pt"), "--out", str(out)])
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "intra-set cos" in evaluated.stdout
-    import json
-    metrics = json.loads(out.read_text())
-    saved = json.loads((run_dir / "test_metrics.json").read_text())
-    assert metrics["all"]["rsum"] == pytest.approx(saved["rsum"], abs=1e-6)
-    greedy = run_cli(["evaluate.py", "--ckpt", str(run_dir / "best.pt"), "--method", "greedy", "--split", "val"])
-    assert greedy.returncode == 0 and "similarity: greedy" in greedy.stdout
+    # one JSON layout: test_metrics.json and evaluate.py --out agree key for key
+    assert_same_results(json.loads((run_dir / "test_metrics.json").read_text()), json.loads(out.read_text()))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # as the run (run.num_threads=1): the same float rounding
+    try:
+        # validation (best.pt selection) ranks by the same rule: best.pt's epoch has the best logged
+        # val RSUM, and evaluating best.pt on val reproduces that epoch's logged metrics
+        epochs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        epochs = [entry for entry in epochs if "val" in entry]
+        best = max(epochs, key=lambda entry: entry["val"]["rsum"])
+        assert best["epoch"] == checkpoint["epoch"]
+        val_out = tmp_path / "val.json"
+        assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--split", "val", "--out", str(val_out)]) == 0
+        assert_same_results({"all": best["val"], "collapse": best["collapse"]},
+                            {k: v for k, v in json.loads(val_out.read_text()).items() if k != "method"})
+        assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--method", "greedy", "--split", "val"]) == 0
+        assert "similarity: greedy" in capsys.readouterr().out
+        # an ensemble over image files (the shapes path): best.pt and last.pt share the test split
+        assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), str(run_dir / "last.pt")]) == 0
+        assert "ensemble: mean of 2 score matrices" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_results(first, second):
+    """Same nested keys; the same numbers up to float rounding (recalls are multiples of 100/N)."""
+    assert isinstance(first, dict) == isinstance(second, dict)
+    if isinstance(first, dict):
+        assert first.keys() == second.keys()
+        for key in first:
+            assert_same_results(first[key], second[key])
+    elif isinstance(first, float):
+        assert first == pytest.approx(second, abs=1e-5)
+    else:
+        assert first == second
 
 
 @pytest.mark.parametrize("stop_after, saved_at", [(5, (1, 1)), (4, (0, 4))], ids=["mid_epoch", "epoch_end"])
@@ -138,7 +193,7 @@ def test_resuming_gives_the_same_weights_as_training_straight(tmp_path, stop_aft
     assert first == 0
     state = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))["state"]
     assert (state["epoch"], state["step"]) == saved_at       # (epochs done, steps into the next one)
-    second = train.main(base + ["run.name=resumed", "--resume", "auto"])
+    second = train.main([*base[:3], "--resume", "auto", *base[3:], "run.name=resumed"])   # overrides on both sides
     assert second == 0
     assert_same_weights(weights(tmp_path / "runs" / "straight" / "last.pt"),
                         weights(tmp_path / "runs" / "resumed" / "last.pt"))
@@ -270,6 +325,6 @@ def test_resuming_with_another_model_config_names_the_difference(tmp_path, capsy
     write_precomputed(tmp_path / "precomp")
     base = tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]
     assert train.main(base) == 0
-    assert train.main(base + ["model.num_embeds=3", "--resume", "auto"]) == 2
+    assert train.main([*base[:2], "--resume", "auto", *base[2:], "model.num_embeds=3"]) == 2
     message = capsys.readouterr().err
     assert "model.num_embeds: 2 -> 3" in message and "another model config" in message

@@ -1,0 +1,675 @@
+"""Figures of the sets a checkpoint makes, for `evaluate.py --figures DIR` (METHOD.md §5).
+
+    python evaluate.py --ckpt runs/NAME/best.pt --figures DIR [--figures-count N]
+
+For a seeded sample of N split images (`run.seed`; default N = 8) `write_figures` draws:
+
+- image_attention.png      each image beside one map per set element: where that element attends
+                           (ResNet grid cells, ViT patches, or one bar per precomputed region),
+                           with the element's cosine to the global feature;
+- caption_attention_NN.png the image's captions, words shaded by each caption element's attention;
+- matching_NN.png          the image and its first caption: their K x K cosine matrix with the exact
+                           max-pair assignment, the smooth-Chamfer-favoured and the greedy matching,
+                           and the three scores;
+- retrieval_t2i.png / retrieval_i2t.png   top-5 images for some captions and top-5 captions for some
+                           images, ground truth marked, scored exactly by the evaluation similarity;
+- intra_set_cosines.png    histograms of the intra-set cosines of the whole split, with the collapse
+                           numbers of the evaluation in the title;
+- index.html               every PNG with a short caption.
+
+Attention comes from the set head's documented `return_attention=True` (the last iteration's
+weights, mean over heads, summing to 1 over the real positions). Drawing uses Pillow and torch
+only, with Pillow's built-in bitmap font and no metadata, so the same checkpoint and seed give
+byte-identical files. Imported only by evaluate.py.
+"""
+import functools
+import html
+import math
+import os
+import tempfile
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from data import IMAGENET_MEAN, IMAGENET_STD
+from similarity import METHOD_OPTIONS, greedy_assignment, max_pair_assignment, pairwise_similarity, score_matrix
+
+# Layout in pixels. The bitmap font is 6 px per character and 11 px high.
+MARGIN, GAP, LINE, CHAR = 10, 8, 12, 6
+TILE = 128                 # image and attention-map tiles
+SMALL_TILE = 96            # retrieved images
+MIN_WIDTH = 480            # every figure is at least this wide, so its title fits
+HEADER_LINES = 3           # title lines of the image-attention figure (the legend bar follows)
+LEGEND_HEIGHT = 10
+CELL = 40                  # one cosine-matrix cell
+CAPTION_WIDTH = 960        # caption-attention figure
+RETRIEVAL_QUERIES = 4      # queries shown in each retrieval figure
+TOP = 5                    # retrieved items per query
+
+WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (0, 0, 0), (110, 110, 110), (205, 205, 205)
+MARK = (0, 170, 0)         # ground truth and chosen matching cells
+IMAGE_COLOUR, CAPTION_COLOUR = (50, 90, 200), (230, 120, 20)
+# "inferno"-like ramp for attention maps (dark = 0, yellow = the map's peak)
+HEAT_RAMP = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
+WORD_RAMP = ((255, 255, 255), (255, 200, 90), (230, 70, 20))      # word shading (white = 0)
+COSINE_RAMP = ((59, 76, 192), (245, 245, 245), (180, 4, 38))        # cosine -1 .. 0 .. 1
+
+
+class FiguresError(Exception):
+    """A --figures argument the user has to fix (unwritable folder, count <= 0)."""
+
+
+def check_figures_request(out_dir, count):
+    """Create `out_dir` and make sure a file can be written there, before any evaluation runs."""
+    if count is None or count <= 0:
+        raise FiguresError(f"--figures-count must be 1 or more, got {count}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise FiguresError(f"--figures {out_dir!r} cannot be written ({error.strerror or error})") from None
+
+
+def write_figures(out_dir, model, cfg, loader, device, encoded, results, count=8, title=""):
+    """Draw every figure of the module docstring into out_dir; return the written file names.
+
+    loader: the evaluation loader (unshuffled, so image i of `encoded` is dataset item i);
+    encoded: evaluate.encode_split's (image_sets, image_globals, caption_sets, caption_globals,
+    caption_to_image) for that loader; results: evaluate_model's results (method, collapse).
+    """
+    check_figures_request(out_dir, count)
+    dataset = loader.dataset
+    image_sets, _, caption_sets, _, caption_to_image = (
+        (tensor.float() if tensor.is_floating_point() else tensor).cpu() for tensor in encoded)
+    if len(dataset) != image_sets.shape[0]:
+        raise FiguresError(f"the loader has {len(dataset)} images but {image_sets.shape[0]} were encoded")
+    indices = sample_images(len(dataset), count, cfg["run"]["seed"])
+    pictures = {i: display_picture(dataset[i]) for i in indices}
+    tokenizer = dataset.tokenizer
+    batch = loader.collate_fn([dataset[i] for i in indices])
+    (image_out, image_attention), (caption_out, caption_attention) = slot_attention(model, batch, device)
+    captions_per_image = batch["tokens"].shape[0] // len(indices)
+    image_type = cfg["model"]["image"]["type"]
+    written = []
+
+    rows = []
+    for row, index in enumerate(indices):
+        real = image_attention.mask[row]
+        rows.append(dict(index=index, picture=pictures[index], weights=image_attention.weights[row][:, real],
+                         global_cos=(image_out.sets[row] @ image_out.global_[row]).tolist()))
+    save_png(draw_image_attention(rows, image_type), out_dir, "image_attention.png", written,
+             f"Image set elements: where each of the K elements attends (last set-head iteration, mean over "
+             f"heads), for {len(indices)} seeded {image_type} images; cosine of each element to the global feature.")
+
+    for row, index in enumerate(indices):
+        captions = []
+        for j in range(row * captions_per_image, (row + 1) * captions_per_image):
+            length = int(batch["lengths"][j])
+            ids = batch["tokens"][j, :length].tolist()
+            captions.append(dict(text=tokenizer.decode(ids), tokens=token_labels(tokenizer, ids),
+                                 weights=caption_attention.weights[j][:, :length],
+                                 global_cos=(caption_out.sets[j] @ caption_out.global_[j]).tolist()))
+        save_png(draw_caption_attention(index, pictures[index], captions), out_dir,
+                 f"caption_attention_{row:02d}.png", written,
+                 f"Image #{index}'s captions: each caption set element's attention over the words, one row "
+                 "per element (darker = more weight).")
+
+    for row, index in enumerate(indices):
+        caption = first_caption(caption_to_image, index)
+        cos = image_sets[index] @ caption_sets[caption].T                                 # (K_v, K_t)
+        save_png(draw_matching(index, pictures[index], dataset_caption_text(dataset, tokenizer, index),
+                               cos, matchings(cos, smooth_chamfer_alpha(cfg)),
+                               matching_scores(image_sets[index], caption_sets[caption], cfg))[0],
+                 out_dir, f"matching_{row:02d}.png", written,
+                 f"Image #{index} and its first caption: K x K cosine matrix, the exact max-pair assignment, "
+                 "the matching smooth-Chamfer's soft weights favour (not one-to-one) and the greedy one, "
+                 "with the three scores.")
+
+    method, options = evaluation_similarity(cfg, results["method"])
+    queries = indices[:RETRIEVAL_QUERIES]
+    save_png(draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image,
+                                method, options), out_dir, "retrieval_t2i.png", written,
+             f"Text-to-image: the top {TOP} images for the first caption of {len(queries)} images "
+             f"({method}, exact scores); green frame = the caption's image.")
+    save_png(draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, caption_sets,
+                                caption_to_image, method, options), out_dir, "retrieval_i2t.png", written,
+             f"Image-to-text: the top {TOP} captions for {len(queries)} images ({method}, exact scores); "
+             "green = a ground-truth caption.")
+    save_png(draw_intra_set_histogram(intra_set_cosines(image_sets), intra_set_cosines(caption_sets),
+                                      results["collapse"], image_sets.shape[1]),
+             out_dir, "intra_set_cosines.png", written,
+             f"Intra-set cosines of all {image_sets.shape[0]} images and {caption_sets.shape[0]} captions: "
+             "near 1 = collapsed sets; the title holds the evaluation's collapse diagnostics.")
+    write_index(out_dir, written, title)
+    return [name for name, _ in written] + ["index.html"]
+
+
+def sample_images(num_images, count, seed):
+    """min(count, num_images) distinct image indices drawn with `seed`, in increasing order."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(num_images, generator=generator)[:count].tolist())
+
+
+@torch.no_grad()
+def slot_attention(model, batch, device):
+    """Run the model on a collated batch with return_attention=True, in eval mode, on the CPU side.
+
+    Returns ((image SetEmbedding, image SetAttention), (caption SetEmbedding, caption SetAttention)),
+    float32 on the CPU. Each SetAttention.weights row sums to 1 over its mask's real positions.
+    """
+    model.eval()
+    moved = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    outputs = model(moved, return_attention=True)
+    as_cpu = lambda t: (t.float() if t.is_floating_point() else t).cpu()  # noqa: E731 - masks stay bool
+    return tuple(tuple(type(part)(*(as_cpu(t) for t in part)) for part in pair) for pair in outputs)
+
+
+def matchings(cos, alpha):
+    """The three matchings drawn for one K_v x K_t cosine block (K_v <= K_t), each (K_v,) long:
+
+    max_pair:       similarity.max_pair_assignment (exact maximal one-to-one matching);
+    smooth_chamfer: for each row, the column with the largest soft weight softmax(alpha * C) of its
+                    row: what smooth-Chamfer's image->caption term favours; NOT one-to-one;
+    greedy:         similarity.greedy_assignment.
+    """
+    return {"max_pair": max_pair_assignment(cos),
+            "smooth_chamfer": (alpha * cos).softmax(dim=1).argmax(dim=1),
+            "greedy": greedy_assignment(cos)}
+
+
+def matching_scores(image_set, caption_set, cfg):
+    """{max_pair, smooth_chamfer, greedy: score} of one image set (K_v, D) and caption set (K_t, D)."""
+    return {method: pairwise_similarity(image_set[None], caption_set[None], method,
+                                        **method_options(cfg, method)).item()
+            for method in ("max_pair", "smooth_chamfer", "greedy")}
+
+
+def intra_set_cosines(sets):
+    """Cosines of every unordered pair of elements within each set: (N, K, D) -> (N * K(K-1)/2,).
+
+    Their mean is evaluate.collapse_diagnostics' intra_set_cos.
+    """
+    rows, cols = torch.triu_indices(sets.shape[1], sets.shape[1], offset=1)
+    return (sets @ sets.transpose(1, 2))[:, rows, cols].flatten()
+
+
+def method_options(cfg, method):
+    """A similarity's options as training used them: the config's for the trained method, else defaults."""
+    options = (cfg["loss"]["similarity_options"] or {}) if method == cfg["loss"]["similarity"] else {}
+    return {**METHOD_OPTIONS[method], **{k: v for k, v in options.items() if v is not None}}
+
+
+def smooth_chamfer_alpha(cfg):
+    return float(method_options(cfg, "smooth_chamfer")["alpha"])
+
+
+def evaluation_similarity(cfg, method):
+    """(method, options) as evaluate.similarity_settings gives them (figures.py cannot import evaluate.py)."""
+    options = cfg["eval"]["similarity_options"]
+    if options is None:
+        options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
+    return method, dict(options or {})
+
+
+def display_picture(item):
+    """The image a dataset item shows the model, as a PIL RGB image; None for region features."""
+    if "image" not in item:
+        return None
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    pixels = ((item["image"] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)       # (3, S, S)
+    height, width = pixels.shape[1:]
+    return Image.frombytes("RGB", (width, height), pixels.permute(1, 2, 0).contiguous().numpy().tobytes())
+
+
+def token_labels(tokenizer, ids):
+    """One printable label per token id (the attention runs over every token, specials included)."""
+    if hasattr(tokenizer, "words"):
+        return [tokenizer.words[i] for i in ids]
+    return tokenizer.tokenizer.convert_ids_to_tokens(ids)
+
+
+def dataset_caption_text(dataset, tokenizer, index, caption=0):
+    """The text of caption `caption` of image `index` as the model saw it (decoded tokens)."""
+    return tokenizer.decode(dataset[index]["captions"][caption])
+
+
+def write_index(out_dir, written, title):
+    """DIR/index.html: every figure with its caption, in the order written."""
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>MaxMatch figures</title>",
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+             "figure{margin:24px 0}img{max-width:100%;image-rendering:pixelated}</style></head><body>",
+             f"<h1>MaxMatch figures</h1><p>{html.escape(title)}</p>"]
+    for name, caption in written:
+        parts.append(f"<figure><img src=\"{html.escape(name)}\" alt=\"{html.escape(name)}\">"
+                     f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(parts) + "\n")
+
+
+def save_png(image, out_dir, name, written, caption):
+    """PNG without metadata (no time stamp), so equal pictures give equal bytes."""
+    try:
+        image.save(os.path.join(out_dir, name), format="PNG")
+    except OSError as error:
+        raise FiguresError(f"cannot write {os.path.join(out_dir, name)!r} ({error.strerror or error})") from None
+    written.append((name, caption))
+
+
+# ----------------------------------------------------------------------------- the figures
+
+def draw_image_attention(rows, image_type):
+    """rows: dicts with index, picture (PIL or None), weights (K, N_real), global_cos (K,)."""
+    num_elements = rows[0]["weights"].shape[0]
+    width = image_attention_width(num_elements)
+    row_height = LINE + TILE + 2 * LINE + GAP
+    header = HEADER_LINES * LINE + LEGEND_HEIGHT + GAP
+    canvas = Image.new("RGB", (width, 2 * MARGIN + header + len(rows) * row_height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    kind = {"cnn": "ResNet grid cells", "vit": "ViT patches", "precomputed": "regions (one bar each)"}
+    num_positions = rows[0]["weights"].shape[1]
+    lines = ["Image set elements: where each one attends",
+             f"over {kind.get(image_type, 'local features')} (last set-head iteration, mean over heads).",
+             f"Each map is scaled to its own peak; weights sum to 1 (uniform: 1/{num_positions} = "
+             f"{1 / num_positions:.3f})."]
+    for n, text in enumerate(lines):
+        put_text(draw, (MARGIN, MARGIN + n * LINE), text)
+    legend_y = MARGIN + HEADER_LINES * LINE
+    put_text(draw, (MARGIN, legend_y - 1), "0")
+    draw_ramp(draw, (MARGIN + 2 * CHAR, legend_y, MARGIN + 2 * CHAR + 120, legend_y + LEGEND_HEIGHT), HEAT_RAMP)
+    put_text(draw, (MARGIN + 3 * CHAR + 120, legend_y - 1), "peak of the map")
+    for r, row in enumerate(rows):
+        top = MARGIN + header + r * row_height
+        put_text(draw, (MARGIN, top), f"image #{row['index']}")
+        tile_top = top + LINE
+        picture = row["picture"]
+        if picture is not None:
+            canvas.paste(fit_tile(picture, TILE), (MARGIN, tile_top))
+        else:
+            draw.rectangle((MARGIN, tile_top, MARGIN + TILE - 1, tile_top + TILE - 1), outline=GREY)
+            put_text(draw, (MARGIN + 4, tile_top + TILE // 2 - LINE), "region features")
+            put_text(draw, (MARGIN + 4, tile_top + TILE // 2), f"{row['weights'].shape[1]} regions")
+        for k in range(num_elements):
+            left = MARGIN + (k + 1) * (TILE + GAP)
+            weights = row["weights"][k]
+            grid = square_grid(weights.shape[0]) if image_type != "precomputed" else None
+            if grid is not None:
+                canvas.paste(heat_tile(weights.view(grid, grid), picture), (left, tile_top))
+            else:
+                draw_bars(draw, (left, tile_top, left + TILE, tile_top + TILE), weights)
+            put_text(draw, (left, tile_top + TILE + 2), f"element {k + 1}  peak {weights.max().item():.3f}")
+            put_text(draw, (left, tile_top + TILE + 2 + LINE), f"cos to global {row['global_cos'][k]:+.2f}")
+    return canvas
+
+
+def image_attention_width(num_elements):
+    return max(MIN_WIDTH, 2 * MARGIN + (num_elements + 1) * TILE + num_elements * GAP)
+
+
+def draw_caption_attention(index, picture, captions):
+    """captions: dicts with text, tokens (labels), weights (K, L), global_cos (K,)."""
+    label_width = 28 * CHAR + GAP
+    words_left = MARGIN + label_width
+    box_height = LINE + 4
+    layouts = [word_layout(c["tokens"], CAPTION_WIDTH - MARGIN - words_left) for c in captions]
+    num_elements = captions[0]["weights"].shape[0]
+    thumb = TILE // 2 if picture is not None else 0
+    header = max(thumb, 3 * LINE) + GAP
+    text_chars = (CAPTION_WIDTH - 2 * MARGIN - thumb - GAP) // CHAR
+    blocks = []
+    for caption, (positions, lines) in zip(captions, layouts):
+        title = wrap(f"caption: {caption['text']}", text_chars)
+        blocks.append(len(title) * LINE + num_elements * lines * (box_height + 2) + GAP)
+    canvas = Image.new("RGB", (CAPTION_WIDTH, 2 * MARGIN + header + sum(blocks)), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    if picture is not None:
+        canvas.paste(fit_tile(picture, thumb), (MARGIN, MARGIN))
+    text_left = MARGIN + thumb + (GAP if thumb else 0)
+    put_text(draw, (text_left, MARGIN), f"Captions of image #{index}: where each caption set element attends.")
+    put_text(draw, (text_left, MARGIN + LINE), "One row per element; a word's shade is its weight / the row's "
+                                               "peak (a row sums to 1);")
+    put_text(draw, (text_left + 126 + 24 * CHAR, MARGIN + 2 * LINE),
+             "cos(g): the element's cosine to the global feature.")
+    draw_ramp(draw, (text_left, MARGIN + 2 * LINE + 1, text_left + 120, MARGIN + 2 * LINE + 10), WORD_RAMP)
+    put_text(draw, (text_left + 126, MARGIN + 2 * LINE), "0 .. peak of the row")
+    top = MARGIN + header
+    for caption, (positions, lines), block in zip(captions, layouts, blocks):
+        title = wrap(f"caption: {caption['text']}", text_chars)
+        for n, text in enumerate(title):
+            put_text(draw, (MARGIN, top + n * LINE), text)
+        y = top + len(title) * LINE
+        for k in range(num_elements):
+            weights = caption["weights"][k]
+            peak = weights.max().item()
+            put_text(draw, (MARGIN, y + 2), f"el {k + 1} peak {peak:.2f} cos(g) {caption['global_cos'][k]:+.2f}")
+            for token, weight, (x, line) in zip(caption["tokens"], weights.tolist(), positions):
+                box_top = y + line * (box_height + 2)
+                box = (words_left + x, box_top, words_left + x + token_width(token) - 2, box_top + box_height - 1)
+                draw.rectangle(box, fill=ramp_colour(WORD_RAMP, weight / peak if peak > 0 else 0.0), outline=LIGHT)
+                put_text(draw, (box[0] + 2, box_top + 2), token)
+            y += lines * (box_height + 2)
+        top += block
+    return canvas
+
+
+def word_layout(tokens, width):
+    """(x, line) of every word box when boxes wrap at `width`, and the number of lines."""
+    positions, x, line = [], 0, 0
+    for token in tokens:
+        size = token_width(token)
+        if x and x + size > width:
+            x, line = 0, line + 1
+        positions.append((x, line))
+        x += size
+    return positions, line + 1
+
+
+def token_width(token):
+    return CHAR * len(printable(token)) + 6
+
+
+def draw_matching(index, picture, caption_text, cos, chosen, scores):
+    """The K_v x K_t cosine block three times, each panel framing the cells one matching chooses.
+
+    Returns the image and {method: {(row, column): pixel box of that cell}}.
+    """
+    k_v, k_t = cos.shape
+    label = 4 * CHAR
+    panel = max(k_t * CELL + label + GAP, 220)
+    width = max(MIN_WIDTH, 2 * MARGIN + 3 * panel + 2 * GAP)
+    thumb = TILE // 2 if picture is not None else 0
+    text_chars = (width - 2 * MARGIN - thumb - GAP) // CHAR
+    intro = wrap(f"Image #{index} and its first caption: \"{caption_text}\"", text_chars)
+    intro += ["Rows: image set elements i1..iK; columns: caption set elements c1..cK; cell = their cosine",
+              "(blue -1, white 0, red +1). Green frames: the pairs each matching chooses."]
+    header = max(thumb, len(intro) * LINE) + GAP
+    titles = matching_titles(chosen, panel)
+    title_height = max(len(t) for t in titles.values()) * LINE + 2
+    grid_top = MARGIN + header + title_height + LINE
+    height = grid_top + k_v * CELL + 3 * LINE + MARGIN
+    cells = {}
+    canvas = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    if picture is not None:
+        canvas.paste(fit_tile(picture, thumb), (MARGIN, MARGIN))
+    for n, text in enumerate(intro):
+        put_text(draw, (MARGIN + thumb + (GAP if thumb else 0), MARGIN + n * LINE), text)
+    for p, (method, assignment) in enumerate(chosen.items()):
+        left = MARGIN + p * (panel + GAP)
+        for n, text in enumerate(titles[method]):
+            put_text(draw, (left, MARGIN + header + n * LINE), text)
+        for column in range(k_t):
+            put_text(draw, (left + label + column * CELL + CELL // 2 - 6, grid_top - LINE), f"c{column + 1}")
+        cells[method] = {}
+        for row in range(k_v):
+            put_text(draw, (left, grid_top + row * CELL + CELL // 2 - 5), f"i{row + 1}")
+            for column in range(k_t):
+                box = cells[method][row, column] = matching_cell(left + label, grid_top, row, column)
+                value = cos[row, column].item()
+                draw.rectangle(box, fill=ramp_colour(COSINE_RAMP, (value + 1) / 2), outline=LIGHT)
+                put_text(draw, (box[0] + 5, box[1] + CELL // 2 - 5), f"{value:+.2f}")
+        for row, column in enumerate(assignment.tolist()):
+            x0, y0, x1, y1 = matching_cell(left + label, grid_top, row, column)
+            draw.rectangle((x0, y0, x1, y1), outline=MARK, width=3)
+        lines = [f"{method} score {scores[method]:.3f}"]
+        lines += repeated_columns(assignment) if method == "smooth_chamfer" else ["one-to-one"]
+        for n, text in enumerate(lines):
+            put_text(draw, (left, grid_top + k_v * CELL + 4 + n * LINE), text)
+    return canvas, cells
+
+
+def matching_cell(left, top, row, column):
+    """Pixel box (x0, y0, x1, y1) of a cosine-matrix cell of a panel whose grid starts at (left, top)."""
+    x0, y0 = left + column * CELL, top + row * CELL
+    return (x0, y0, x0 + CELL - 2, y0 + CELL - 2)
+
+
+def matching_titles(chosen, panel):
+    alpha_text = "softmax(alpha C)"
+    texts = {"max_pair": "max_pair: the exact maximal one-to-one matching (max_pair_assignment)",
+             "smooth_chamfer": f"smooth-Chamfer favours, per row, the largest soft weight of {alpha_text}: "
+                               "not one-to-one",
+             "greedy": "greedy: largest remaining cosine first, then strike its row and column"}
+    return {method: wrap(texts[method], panel // CHAR - 1) for method in chosen}
+
+
+def repeated_columns(assignment):
+    """'not one-to-one: c2 taken 2x' style notes for a row -> column map."""
+    counts = torch.bincount(assignment)
+    repeated = [f"c{c + 1} taken {n}x" for c, n in enumerate(counts.tolist()) if n > 1]
+    return ["not one-to-one: " + ", ".join(repeated)] if repeated else ["one-to-one here by chance"]
+
+
+def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image, method, options):
+    """For the first caption of each query image: the top images, exact scores, ground truth framed."""
+    query_width = 40 * CHAR
+    tile = SMALL_TILE + 8
+    width = max(MIN_WIDTH, 2 * MARGIN + query_width + TOP * (tile + GAP))
+    row_height = max(6 * LINE, tile) + 2 * LINE + GAP
+    header = 2 * LINE + GAP
+    canvas = Image.new("RGB", (width, 2 * MARGIN + header + len(queries) * row_height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    put_text(draw, (MARGIN, MARGIN), f"Text-to-image: the top {TOP} images for a caption, scored by {method} "
+                                     "(exact, this caption against every image).")
+    put_text(draw, (MARGIN, MARGIN + LINE), "Green frame: the caption's own image. Below each: rank, image, score.")
+    for r, index in enumerate(queries):
+        top = MARGIN + header + r * row_height
+        caption = first_caption(caption_to_image, index)
+        scores = score_matrix(image_sets, caption_sets[caption:caption + 1], method=method, **options)[:, 0]
+        order = ranking(scores)
+        rank = order.index(index) + 1
+        lines = wrap(f"\"{dataset_caption_text(dataset, tokenizer, index)}\"", 40)[:5]
+        lines.append(f"(of image #{index}; its rank {rank})")
+        for n, text in enumerate(lines):
+            put_text(draw, (MARGIN, top + n * LINE), text)
+        for place, image in enumerate(order[:TOP]):
+            left = MARGIN + query_width + place * (tile + GAP)
+            draw.rectangle((left, top, left + tile - 1, top + tile - 1), fill=MARK if image == index else LIGHT)
+            picture = display_picture(dataset[image])
+            if picture is not None:
+                canvas.paste(fit_tile(picture, SMALL_TILE), (left + 4, top + 4))
+            else:      # region features: the image's first caption stands in for it
+                draw.rectangle((left + 4, top + 4, left + tile - 5, top + tile - 5), fill=WHITE)
+                lines = wrap(dataset_caption_text(dataset, tokenizer, image), (SMALL_TILE - 4) // CHAR)
+                for n, text in enumerate(lines[:(SMALL_TILE - 4) // LINE]):
+                    put_text(draw, (left + 6, top + 6 + n * LINE), text)
+            put_text(draw, (left, top + tile + 2), f"{place + 1}. #{image}")
+            put_text(draw, (left, top + tile + 2 + LINE), f"score {scores[image].item():.3f}")
+    return canvas
+
+
+def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, caption_sets, caption_to_image,
+                       method, options):
+    """For each query image: its top captions, exact scores, ground-truth captions in green."""
+    text_left = MARGIN + SMALL_TILE + GAP
+    width = CAPTION_WIDTH
+    text_chars = (width - text_left - MARGIN) // CHAR
+    row_height = max(SMALL_TILE, (TOP + 2) * LINE) + LINE + GAP
+    header = 2 * LINE + GAP
+    canvas = Image.new("RGB", (width, 2 * MARGIN + header + len(queries) * row_height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    put_text(draw, (MARGIN, MARGIN), f"Image-to-text: the top {TOP} captions for an image, scored by {method} "
+                                     "(exact, this image against every caption).")
+    put_text(draw, (MARGIN, MARGIN + LINE), "Green [GT]: one of the image's own captions.")
+    captions_of = {}
+    for r, index in enumerate(queries):
+        top = MARGIN + header + r * row_height
+        if pictures[index] is not None:
+            canvas.paste(fit_tile(pictures[index], SMALL_TILE), (MARGIN, top))
+        else:
+            draw.rectangle((MARGIN, top, MARGIN + SMALL_TILE - 1, top + SMALL_TILE - 1), outline=GREY)
+            put_text(draw, (MARGIN + 4, top + SMALL_TILE // 2 - 5), "regions")
+        put_text(draw, (MARGIN, top + SMALL_TILE + 2), f"image #{index}")
+        scores = score_matrix(image_sets[index:index + 1], caption_sets, method=method, **options)[0]
+        order = ranking(scores)
+        own = set((caption_to_image == index).nonzero()[:, 0].tolist())
+        for place, caption in enumerate(order[:TOP]):
+            owner = int(caption_to_image[caption])
+            if owner not in captions_of:
+                captions_of[owner] = dataset[owner]["captions"]
+            ids = captions_of[owner][caption - first_caption(caption_to_image, owner)]
+            mark = "[GT] " if caption in own else ""
+            text = f"{place + 1}. {scores[caption].item():.3f} {mark}(image #{owner}) {tokenizer.decode(ids)}"
+            put_text(draw, (text_left, top + place * LINE), clip(text, text_chars),
+                     fill=MARK if caption in own else BLACK)
+        ranks = sorted(order.index(c) + 1 for c in own)
+        put_text(draw, (text_left, top + (TOP + 1) * LINE),
+                 f"its {len(own)} captions are at ranks {', '.join(map(str, ranks))}")
+    return canvas
+
+
+def ranking(scores):
+    """Indices by decreasing score, ties in index order (a stable sort)."""
+    return torch.sort(scores, descending=True, stable=True).indices.tolist()
+
+
+def first_caption(caption_to_image, image):
+    return int((caption_to_image == image).nonzero()[0])
+
+
+def draw_intra_set_histogram(image_cosines, caption_cosines, collapse, num_elements, bins=40):
+    """Two histograms of intra-set cosines on [-1, 1], the collapse numbers in the title."""
+    plot_width, plot_height, axis = 360, 200, 7 * CHAR
+    panel = axis + plot_width + 4 * GAP
+    width = max(MIN_WIDTH, 2 * MARGIN + 2 * panel)
+    title = [f"Intra-set cosines: every pair of the K = {num_elements} elements of a set, whole split "
+             "(1 = collapsed set).",
+             "Diagnostics (image | caption):  intra-set cos {:.3f} | {:.3f}   cos to global {:.3f} | {:.3f}"
+             "   log set variance {:.2f} | {:.2f}".format(
+                 collapse["image"]["intra_set_cos"], collapse["caption"]["intra_set_cos"],
+                 collapse["image"]["global_cos"], collapse["caption"]["global_cos"],
+                 collapse["image"]["log_set_variance"], collapse["caption"]["log_set_variance"])]
+    width = max(width, 2 * MARGIN + max(len(t) for t in title) * CHAR)
+    header = len(title) * LINE + GAP + LINE
+    canvas = Image.new("RGB", (width, 2 * MARGIN + header + plot_height + 3 * LINE), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    for n, text in enumerate(title):
+        put_text(draw, (MARGIN, MARGIN + n * LINE), text)
+    for p, (name, values, colour) in enumerate((("image sets", image_cosines, IMAGE_COLOUR),
+                                                ("caption sets", caption_cosines, CAPTION_COLOUR))):
+        left = MARGIN + p * panel + axis
+        top = MARGIN + header
+        counts = torch.histc(values.clamp(-1, 1), bins=bins, min=-1, max=1)
+        fractions = counts / max(values.numel(), 1)
+        peak = max(fractions.max().item(), 1e-9)
+        put_text(draw, (left, top - LINE), f"{name}: {values.numel()} pairs, mean {values.mean().item():+.3f}")
+        bar = plot_width / bins
+        for b, fraction in enumerate(fractions.tolist()):
+            x0 = left + round(b * bar)
+            x1 = left + round((b + 1) * bar) - 1
+            y0 = top + plot_height - round(plot_height * fraction / peak)
+            if fraction > 0:
+                draw.rectangle((x0, min(y0, top + plot_height - 1), x1, top + plot_height - 1), fill=colour)
+        mean_x = left + round((values.mean().item() + 1) / 2 * plot_width)
+        for y in range(top, top + plot_height, 6):
+            draw.line((mean_x, y, mean_x, y + 2), fill=BLACK)
+        draw.line((left, top, left, top + plot_height), fill=BLACK)
+        draw.line((left, top + plot_height, left + plot_width, top + plot_height), fill=BLACK)
+        for tick in (-1.0, -0.5, 0.0, 0.5, 1.0):
+            x = left + round((tick + 1) / 2 * plot_width)
+            draw.line((x, top + plot_height, x, top + plot_height + 3), fill=BLACK)
+            put_text(draw, (x - 2 * CHAR, top + plot_height + 4), f"{tick:+.1f}")
+        put_text(draw, (left - axis, top - 2), f"{peak:.2f}")
+        put_text(draw, (left - axis, top + plot_height - 10), "0")
+        put_text(draw, (left, top + plot_height + 4 + LINE), "cosine; y: share of pairs; dashes: mean")
+    return canvas
+
+
+# ----------------------------------------------------------------------------- drawing helpers
+
+@functools.cache
+def bitmap_font():
+    """Pillow's built-in bitmap font: no font files, the same pixels everywhere."""
+    return ImageFont.load_default_imagefont()
+
+
+def printable(text):
+    """The bitmap font covers Latin-1; anything else becomes '?'."""
+    return str(text).encode("latin-1", "replace").decode("latin-1")
+
+
+def put_text(draw, position, text, fill=BLACK):
+    draw.text(position, printable(text), fill=fill, font=bitmap_font())
+
+
+def wrap(text, width):
+    """Greedy word wrap to `width` characters; over-long words are cut."""
+    lines, current = [], ""
+    for word in str(text).split():
+        while len(word) > width:
+            if current:
+                lines.append(current)
+                current = ""
+            lines.append(word[:width])
+            word = word[width:]
+        candidate = f"{current} {word}" if current else word
+        if len(candidate) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    if current or not lines:
+        lines.append(current)
+    return lines
+
+
+def clip(text, width):
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def ramp_colour(ramp, value):
+    """Linear interpolation along a list of RGB anchors; value in [0, 1]."""
+    value = min(max(float(value), 0.0), 1.0) * (len(ramp) - 1)
+    low = min(int(math.floor(value)), len(ramp) - 2)
+    share = value - low
+    return tuple(round(a + (b - a) * share) for a, b in zip(ramp[low], ramp[low + 1]))
+
+
+def draw_ramp(draw, box, ramp):
+    x0, y0, x1, y1 = box
+    for x in range(x0, x1):
+        draw.line((x, y0, x, y1), fill=ramp_colour(ramp, (x - x0) / max(x1 - x0 - 1, 1)))
+
+
+def fit_tile(picture, size):
+    """The picture scaled to size x size: nearest neighbour for whole-number enlargements (crisp
+    pixels), bilinear otherwise."""
+    if picture.size == (size, size):
+        return picture
+    exact = size % picture.size[0] == 0 and size % picture.size[1] == 0
+    return picture.resize((size, size), Image.Resampling.NEAREST if exact else Image.Resampling.BILINEAR)
+
+
+def square_grid(num_positions):
+    """Side of a square grid of num_positions cells, or None (then the weights are drawn as bars)."""
+    side = math.isqrt(num_positions)
+    return side if side * side == num_positions else None
+
+
+def heat_tile(grid_weights, picture):
+    """A TILE x TILE map: grid cells coloured by weight / peak, over a dimmed copy of the picture."""
+    peak = max(grid_weights.max().item(), 1e-12)
+    side = grid_weights.shape[0]
+    cells = Image.new("RGB", (side, side))
+    cells.putdata([ramp_colour(HEAT_RAMP, w / peak) for w in grid_weights.flatten().tolist()])
+    heat = cells.resize((TILE, TILE), Image.Resampling.NEAREST)
+    if picture is None:
+        return heat
+    return Image.blend(fit_tile(picture, TILE).convert("L").convert("RGB"), heat, 0.75)
+
+
+def draw_bars(draw, box, weights):
+    """One vertical bar per region, height = weight / peak."""
+    x0, y0, x1, y1 = box
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(245, 245, 245), outline=LIGHT)
+    peak = max(weights.max().item(), 1e-12)
+    step = (x1 - x0 - 2) / weights.shape[0]
+    for n, weight in enumerate(weights.tolist()):
+        left = x0 + 1 + round(n * step)
+        right = max(left, x0 + round((n + 1) * step) - 1)
+        height = round((y1 - y0 - 2) * weight / peak)
+        if height > 0:
+            colour = ramp_colour(HEAT_RAMP, 0.35 + 0.65 * weight / peak)
+            draw.rectangle((left, y1 - 1 - height, right, y1 - 2), fill=colour)

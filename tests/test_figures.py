@@ -1,0 +1,274 @@
+"""figures.py through `evaluate.py --figures`: valid PNGs of the expected sizes, attention that sums
+to 1 over real positions, the drawn assignment is max_pair_assignment's, byte-identical reruns,
+unchanged metrics, one-line errors; every image encoder and both text encoders."""
+import copy
+import itertools
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import figures
+from config import load_config
+from data import build_vocabulary, prepare_data, training_captions
+from evaluate import build_eval_context, collapse_diagnostics, encode_split, evaluate_model
+from model import build_model, load_checkpoint, normalised_position_encoding
+from similarity import greedy_assignment, max_pair_assignment
+from test_model import tiny_batch, tiny_config
+from test_train import run_cli as run_script, write_precomputed
+from train import make_vocabulary
+
+K = 3
+TINY = ["run.num_threads=1", "model.embed_dim=32", f"model.num_embeds={K}", "model.set_head.depth=2",
+        "model.text.word_dim=16", "eval.batch_size=8", "data.shapes.num_train=24", "data.shapes.num_val=8",
+        "data.shapes.num_test=12", "data.shapes.image_size=32", "data.image_size=32", "model.image.stop_after=layer1"]
+PNG_NAMES = ["image_attention.png", "retrieval_t2i.png", "retrieval_i2t.png", "intra_set_cosines.png"]
+
+
+def write_checkpoint(path, cfg, vocab, seed=0):
+    """A randomly initialised model of `cfg` saved as train.py saves best.pt."""
+    torch.manual_seed(seed)
+    model = build_model(cfg, vocab)
+    torch.save({"model": model.state_dict(), "config": cfg, "vocab": vocab, "epoch": 0}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shapes_checkpoint(tmp_path_factory):
+    """12 test images of 32 px, a random ResNet-grid + BiGRU model with K = 3."""
+    folder = tmp_path_factory.mktemp("figures")
+    cfg = load_config(None, TINY + [f"data.root={folder / 'shapes'}"])
+    prepare_data(cfg["data"])
+    return write_checkpoint(folder / "best.pt", cfg, make_vocabulary(cfg)), cfg
+
+
+def run_evaluate(capsys, *args):
+    code = evaluate.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def figure_files(count):
+    return sorted(PNG_NAMES + [f"{kind}_{n:02d}.png" for kind in ("caption_attention", "matching")
+                               for n in range(count)] + ["index.html"])
+
+
+# ----------------------------------------------------------------------------- files
+
+def test_every_figure_is_a_png_of_the_expected_size(shapes_checkpoint, tmp_path, capsys):
+    checkpoint, cfg = shapes_checkpoint
+    code, out, err = run_evaluate(capsys, "--ckpt", checkpoint, "--figures", str(tmp_path / "figs"),
+                                  "--figures-count", "3")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "figs")) == figure_files(3)
+    sizes = {}
+    for name in [n for n in figure_files(3) if n.endswith(".png")]:
+        with Image.open(tmp_path / "figs" / name) as image:
+            assert image.format == "PNG" and image.mode == "RGB"
+            image.verify()
+            sizes[name] = image.size
+    f = figures
+    # image attention: the image + K maps per row, one row per sampled image, under the title and legend
+    row = f.LINE + f.TILE + 2 * f.LINE + f.GAP
+    header = f.HEADER_LINES * f.LINE + f.LEGEND_HEIGHT + f.GAP
+    assert sizes["image_attention.png"] == (max(f.MIN_WIDTH, 2 * f.MARGIN + (K + 1) * f.TILE + K * f.GAP),
+                                            2 * f.MARGIN + header + 3 * row)
+    # text-to-image: 3 query rows (count < RETRIEVAL_QUERIES), TOP framed tiles each
+    tile = f.SMALL_TILE + 8
+    query_row = max(6 * f.LINE, tile) + 2 * f.LINE + f.GAP
+    assert sizes["retrieval_t2i.png"] == (2 * f.MARGIN + 40 * f.CHAR + f.TOP * (tile + f.GAP),
+                                          2 * f.MARGIN + 2 * f.LINE + f.GAP + 3 * query_row)
+    assert sizes["retrieval_i2t.png"][0] == f.CAPTION_WIDTH
+    for n in range(3):
+        width, height = sizes[f"caption_attention_{n:02d}.png"]
+        # 5 captions, each a title line and K rows of word boxes
+        assert width == f.CAPTION_WIDTH and height >= 2 * f.MARGIN + 5 * (f.LINE + K * (f.LINE + 6))
+        width, height = sizes[f"matching_{n:02d}.png"]
+        assert width == max(f.MIN_WIDTH, 2 * f.MARGIN + 3 * max(K * f.CELL + 4 * f.CHAR + f.GAP, 220) + 2 * f.GAP)
+        assert height >= K * f.CELL
+    page = (tmp_path / "figs" / "index.html").read_text()
+    assert all(f'src="{name}"' in page for name in sizes)
+
+
+def test_same_checkpoint_twice_gives_byte_identical_files(shapes_checkpoint, tmp_path, capsys):
+    checkpoint, _ = shapes_checkpoint
+    for folder in ("first", "second"):
+        code, _, err = run_evaluate(capsys, "--ckpt", checkpoint, "--figures", str(tmp_path / folder),
+                                    "--figures-count", "2")
+        assert code == 0, err
+    names = figure_files(2)
+    assert sorted(os.listdir(tmp_path / "first")) == names
+    for name in names:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+
+
+def test_another_seed_draws_other_images(shapes_checkpoint):
+    assert figures.sample_images(1000, 8, seed=0) == figures.sample_images(1000, 8, seed=0)
+    assert figures.sample_images(1000, 8, seed=0) != figures.sample_images(1000, 8, seed=1)
+    assert figures.sample_images(5, 8, seed=0) == [0, 1, 2, 3, 4]
+
+
+def test_figures_leave_the_printed_and_written_metrics_unchanged(shapes_checkpoint, tmp_path, capsys):
+    checkpoint, _ = shapes_checkpoint
+    code, plain_out, err = run_evaluate(capsys, "--ckpt", checkpoint, "--out", str(tmp_path / "plain.json"))
+    assert code == 0, err
+    code, figures_out, err = run_evaluate(capsys, "--ckpt", checkpoint, "--out", str(tmp_path / "figs.json"),
+                                          "--figures", str(tmp_path / "figs"), "--figures-count", "1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "plain.json").read_text()) == json.loads((tmp_path / "figs.json").read_text())
+    assert plain_out == figures_out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ckpt", "{ckpt}", "--figures", "{dir}", "--figures-count", "0"], "--figures-count must be 1 or more"),
+    (["--ckpt", "{ckpt}", "--figures", "{dir}", "--figures-count", "-3"], "--figures-count must be 1 or more"),
+    (["--ckpt", "{ckpt}", "--figures", "{file}/figs"], "cannot be written"),
+    (["--ckpt", "{ckpt}", "{ckpt}", "--figures", "{dir}"], "--figures draws one checkpoint"),
+], ids=["zero", "negative", "unwritable", "ensemble"])
+def test_bad_figure_requests_give_one_line_and_exit_2(shapes_checkpoint, tmp_path, capsys, args, message):
+    checkpoint, _ = shapes_checkpoint
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    places = {"{ckpt}": checkpoint, "{dir}": str(tmp_path / "figs"), "{file}": str(blocker)}
+    args = [places.get(arg, arg).replace("{file}", str(blocker)) for arg in args]
+    code, out, err = run_evaluate(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- what is drawn
+
+@pytest.mark.parametrize("image, text", [("cnn", "gru"), ("vit", "bert"), ("precomputed", "gru")])
+def test_drawn_attention_sums_to_one_over_real_positions(image, text):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(image, text), vocab=[f"w{i}" for i in range(32)]).eval()
+    batch = tiny_batch(lengths=(5, 3), num_regions=(6, 4))          # padded captions and regions
+    (image_out, image_attention), (caption_out, caption_attention) = figures.slot_attention(model, batch, "cpu")
+    with torch.no_grad():
+        plain_image, plain_caption = model(batch)
+    for attention, out, plain in ((image_attention, image_out, plain_image),
+                                  (caption_attention, caption_out, plain_caption)):
+        assert attention.weights.shape[:2] == (2, 3) and attention.weights.shape[2] == attention.mask.shape[1]
+        real = attention.mask[:, None, :].expand_as(attention.weights)
+        torch.testing.assert_close(attention.weights.sum(dim=-1), torch.ones(2, 3), atol=1e-6, rtol=0)
+        assert (attention.weights[~real] == 0).all() and (attention.weights[real] >= 0).all()
+        torch.testing.assert_close(out.sets, plain.sets, atol=0, rtol=0)   # asking for attention changes nothing
+    assert not caption_attention.mask.all()                               # the padded case is exercised
+    if image == "precomputed":
+        assert not image_attention.mask.all()
+
+
+def test_attention_is_the_last_iteration_of_the_set_head():
+    """Recompute the last block's attention by hand from the slots after depth - 1 iterations."""
+    torch.manual_seed(1)
+    model = build_model(tiny_config("cnn", "gru", share_weights=False), vocab=[f"w{i}" for i in range(32)]).eval()
+    batch = tiny_batch(lengths=(5, 3))
+    head = model.text_head
+    with torch.no_grad():
+        local, mask, global_feature = model.text_encoder(batch["tokens"], batch["lengths"])
+        _, attention = head(local, mask, global_feature, return_attention=True)
+        position = normalised_position_encoding(mask, local.shape[-1])
+        x = head.slots.unsqueeze(0).expand(local.shape[0], -1, -1)
+        for block in head.blocks[:-1]:
+            x = block(x, block.keys_values(local, position), mask)
+        last = head.blocks[-1]
+        k, _ = last.keys_values(local, position)
+        q = last.attention.to_q(last.norm_slots(x)).unflatten(-1, (last.attention.heads, -1)).transpose(1, 2)
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(dim=-2) * mask[:, None, None, :]
+        expected = (weights / weights.sum(dim=-1, keepdim=True)).mean(dim=1)
+    torch.testing.assert_close(attention.weights, expected, atol=1e-6, rtol=0)
+
+
+def brute_force_best_sum(cos):
+    k_v, k_t = cos.shape
+    return max(sum(cos[r, c].item() for r, c in enumerate(columns))
+               for columns in itertools.permutations(range(k_t), k_v))
+
+
+@pytest.mark.parametrize("k_v, k_t, seed", [(3, 3, 0), (4, 4, 1), (3, 5, 2)])
+def test_drawn_assignment_is_max_pair_assignment(k_v, k_t, seed):
+    generator = torch.Generator().manual_seed(seed)
+    cos = torch.rand(k_v, k_t, generator=generator) * 2 - 1
+    chosen = figures.matchings(cos, alpha=16.0)
+    assert torch.equal(chosen["max_pair"], max_pair_assignment(cos))
+    assert sum(cos[r, c].item() for r, c in enumerate(chosen["max_pair"].tolist())) == pytest.approx(
+        brute_force_best_sum(cos), abs=1e-6)
+    assert torch.equal(chosen["greedy"], greedy_assignment(cos))
+    assert torch.equal(chosen["smooth_chamfer"], (16.0 * cos).softmax(dim=1).argmax(dim=1))
+    scores = {"max_pair": 0.5, "smooth_chamfer": 0.6, "greedy": 0.4}
+    canvas, cells = figures.draw_matching(7, None, "a red star", cos, chosen, scores)
+    pixels = canvas.load()
+    for method, assignment in chosen.items():
+        for (row, column), (x0, y0, x1, y1) in cells[method].items():
+            framed = all(pixels[x, y] == figures.MARK for x, y in ((x0 + 1, y0 + 1), (x1 - 1, y1 - 1)))
+            assert framed == (assignment[row].item() == column), (method, row, column)
+
+
+def test_histogram_values_are_the_evaluated_intra_set_cosines():
+    generator = torch.Generator().manual_seed(0)
+    sets = torch.nn.functional.normalize(torch.randn(20, 4, 8, generator=generator), dim=-1)
+    global_ = torch.nn.functional.normalize(torch.randn(20, 8, generator=generator), dim=-1)
+    values = figures.intra_set_cosines(sets)
+    assert values.shape == (20 * 6,)
+    assert values.mean().item() == pytest.approx(collapse_diagnostics(sets, global_)["intra_set_cos"], abs=1e-6)
+    torch.testing.assert_close(values[:6], torch.stack([sets[0, a] @ sets[0, b] for a, b in
+                                                        itertools.combinations(range(4), 2)]))
+
+
+# ----------------------------------------------------------------------------- other encoders
+
+def write_bert_tokenizer(folder, words):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as handle:
+        handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as handle:
+        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True}, handle)
+    return folder
+
+
+@pytest.mark.parametrize("image, text", [("vit", "bert"), ("precomputed", "gru")])
+def test_figures_for_vit_patches_bert_words_and_region_bars(shapes_checkpoint, tmp_path, image, text):
+    _, shapes_cfg = shapes_checkpoint
+    cfg = copy.deepcopy(shapes_cfg)
+    if image == "vit":
+        cfg["model"]["image"] = {**tiny_config("vit")["model"]["image"], "finetune": True}
+    else:
+        write_precomputed(tmp_path / "precomp", num_images=6, regions=5, feature_dim=12)
+        cfg["data"].update(dataset="precomputed", root=str(tmp_path / "precomp"))
+        cfg["model"]["image"].update(type="precomputed", feature_dim=12)
+    vocab = build_vocabulary(training_captions(cfg["data"]), 1)
+    if text == "bert":
+        words = vocab[5:]
+        cfg["model"]["text"] = {**tiny_config("cnn", "bert")["model"]["text"], "finetune": True, "global_pool": "cls",
+                                "tokenizer": write_bert_tokenizer(str(tmp_path / "tokenizer"), words)}
+        cfg["model"]["text"]["bert_config"]["vocab_size"] = len(words) + 5
+        vocab = None
+    checkpoint = load_checkpoint(write_checkpoint(tmp_path / "best.pt", cfg, vocab))
+    model, loader, device = build_eval_context(cfg, checkpoint, "test")
+    encoded = encode_split(model, loader, device)
+    results = evaluate_model(model, cfg, loader, device, encoded=encoded)
+    written = figures.write_figures(str(tmp_path / "figs"), model, cfg, loader, device, encoded, results, count=2)
+    assert sorted(written) == figure_files(2)
+    for name in written[:-1]:
+        with Image.open(tmp_path / "figs" / name) as picture:
+            picture.verify()
+    (_, image_attention), (_, caption_attention) = figures.slot_attention(
+        model, loader.collate_fn([loader.dataset[i] for i in (0, 1)]), device)
+    expected_positions = {"vit": (32 // 8) ** 2, "precomputed": 5}[image]
+    assert image_attention.weights.shape == (2, K, expected_positions)
+    if text == "bert":      # BERT word pieces with [CLS] / [SEP] are what the caption figure labels
+        ids = loader.dataset[0]["captions"][0]
+        labels = figures.token_labels(loader.dataset.tokenizer, ids)
+        assert labels[0] == "[CLS]" and labels[-1] == "[SEP]" and len(labels) == len(ids) > 3
+
+
+def test_cost_benchmark_prints_one_row_per_part(shapes_checkpoint):
+    checkpoint, _ = shapes_checkpoint
+    result = run_script(["benchmarks/figures_cost.py", "--ckpt", checkpoint, "--repeat", "1", "--count", "1", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| part", "| encode the split", "| score + metrics",
+                                                     "| figures of 1 image(s)", "| figures of 2 image(s)"]
