@@ -299,7 +299,8 @@ class PrecomputedDataset(Dataset):
 
 
 def collate_batch(items, pad_id):
-    """Stack B items: images (B,3,H,W) or regions (B,Nmax,F)+region_lengths; tokens (B*C, Lmax) image-major."""
+    """Stack B items: images (B,3,H,W) or regions (B,Nmax,F)+region_lengths; tokens (B*C, Lmax) image-major,
+    lengths, image_ids, caption_image_ids, and caption_order (indices sorting the captions longest first)."""
     batch = {}
     if "image" in items[0]:
         batch["images"] = torch.stack([item["image"] for item in items])  # (B, 3, H, W)
@@ -316,8 +317,11 @@ def collate_batch(items, pad_id):
         tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     image_ids = torch.tensor([item["index"] for item in items], dtype=torch.long)  # (B,)
     per_image = torch.tensor([len(item["captions"]) for item in items])
+    # Captions stay image-major; caption_order sorts them longest first (a GRU packs with it, so
+    # it moves to the device with the batch instead of being uploaded at every step).
     batch.update(tokens=tokens, lengths=lengths, image_ids=image_ids,
-                 caption_image_ids=image_ids.repeat_interleave(per_image))  # (B*C,)
+                 caption_image_ids=image_ids.repeat_interleave(per_image),  # (B*C,)
+                 caption_order=lengths.argsort(descending=True, stable=True))  # (B*C,)
     return batch
 
 

@@ -52,6 +52,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # one line on stderr, exit code 2
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, DataMismatchError, FlagError)
+CIRCULAR_VARIANCE_FLOOR = 1e-6   # 1 - R below this reads as fully collapsed (float32 unit vectors)
 
 
 def retrieval_metrics(scores, caption_to_image):
@@ -123,17 +124,29 @@ def collapse_diagnostics(sets, global_):
 
     intra_set_cos: mean cosine between two different elements of one set (1 = collapsed);
     global_cos: mean cosine of an element to its own global feature;
-    log_set_variance: log of the mean per-dimension variance across a set's elements.
+    log_set_variance: log of the mean per-dimension variance across a set's elements;
+    log_circular_variance: the paper's "circular variance" in log form (its ablation reports
+    negative values, lower = more collapsed): per set, R = ||mean_k S_k|| is the mean resultant
+    length of its unit elements (1 when they coincide, 0 when they cancel out), 1 - R the set's
+    circular variance, and the measure is the mean over sets of log(1 - R). It is 0 at most and
+    -log 2 = -0.69 for K = 4 orthogonal elements; 1 - R is floored at 1e-6, so a fully collapsed
+    set reads log(1e-6) = -13.8. The mean is taken over the per-set logs (a geometric mean of the
+    circular variance) so that every set counts on the log scale and a minority of collapsed sets
+    shows; log_set_variance is the log of the arithmetic mean of (1 - R^2) / D over sets, which the
+    least collapsed sets dominate.
     """
     sets, global_ = sets.float(), global_.float()
     num_elements = sets.shape[1]
     gram = sets @ sets.transpose(1, 2)                                         # (N, K, K)
     off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)
     pairs = max(num_elements * (num_elements - 1), 1)
+    unit = torch.nn.functional.normalize(sets.double(), dim=-1)               # float64: R near 1 resolves
+    resultant_length = unit.mean(dim=1).norm(dim=-1)                           # (N,)
     return {
         "intra_set_cos": (off_diagonal / pairs).mean().item(),
         "global_cos": (sets * global_.unsqueeze(1)).sum(-1).mean().item(),
         "log_set_variance": sets.var(dim=1, unbiased=False).mean().clamp_min(1e-12).log().item(),
+        "log_circular_variance": (1 - resultant_length).clamp_min(CIRCULAR_VARIANCE_FLOOR).log().mean().item(),
     }
 
 
@@ -332,10 +345,11 @@ def format_results(results, title=""):
             continue
         row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
         lines.append(f"{name:8s}{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}")
-    lines.append(f"similarity: {results.get('method')}   set collapse (intra-set cos | cos to global | log var):")
+    lines.append(f"similarity: {results.get('method')}   set collapse (intra-set cos | cos to global | log var "
+                 "| log circ var):")
     for modality, diag in results["collapse"].items():
         lines.append(f"  {modality:8s}{diag['intra_set_cos']:8.3f} | {diag['global_cos']:6.3f} | "
-                     f"{diag['log_set_variance']:7.3f}")
+                     f"{diag['log_set_variance']:7.3f} | {diag['log_circular_variance']:7.3f}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ precomputed region features (`precomputed`). Text backbones: BiGRU over a word v
 or any BERT-family model through transformers (`bert`). Everything is built from the config dict
 by `build_model(cfg, vocab)`.
 """
+import contextlib
 import math
 import os
 from typing import NamedTuple
@@ -83,7 +84,8 @@ class MaxMatchModel(nn.Module):
     def encode_captions(self, batch, return_attention=False):
         """SetEmbedding of every caption; with return_attention=True, (SetEmbedding, SetAttention)."""
         local, mask, global_feature = self.text_encoder(batch["tokens"], batch["lengths"],
-                                                        host_lengths=batch.get("host_lengths"))
+                                                        host_lengths=batch.get("host_lengths"),
+                                                        caption_order=batch.get("caption_order"))
         return self.text_head(local, mask, global_feature, return_attention=return_attention)
 
     def forward(self, batch, return_attention=False):
@@ -269,8 +271,17 @@ def build_image_encoder(image_cfg, embed_dim, dropout, data_cfg):
     raise ModelError(f"model.image.type={kind!r} is unknown; use one of cnn, vit, precomputed")
 
 
+BATCHNORM_MODES = ("batch", "frozen", "sync")
+
+
 class CNNImageEncoder(nn.Module):
-    """A torchvision ResNet cut after `stop_after`; local features = its grid, (B, h*w, C)."""
+    """A torchvision ResNet cut after `stop_after`; local features = its grid, (B, h*w, C).
+
+    `batchnorm` (METHOD.md §4): "batch" normalises with each process's batch statistics; "frozen"
+    keeps every BatchNorm layer in eval mode (running statistics used, never updated; affine weights
+    train when `finetune`); "sync" is "batch" here, and train.py turns the layers into SyncBatchNorm
+    across processes. `finetune: false` also keeps BatchNorm in eval mode.
+    """
 
     def __init__(self, image_cfg, embed_dim, dropout):
         super().__init__()
@@ -288,6 +299,19 @@ class CNNImageEncoder(nn.Module):
         channels = (last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2).num_features
         self.projection = Projection(channels, embed_dim, dropout)
         set_finetune(self.backbone, image_cfg["finetune"])
+        batchnorm = image_cfg["batchnorm"]
+        if batchnorm not in BATCHNORM_MODES:
+            raise ModelError(f"model.image.batchnorm={batchnorm!r}; use one of {', '.join(BATCHNORM_MODES)}")
+        self.freeze_batchnorm = batchnorm == "frozen" or not image_cfg["finetune"]
+
+    def train(self, mode=True):
+        """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode."""
+        super().train(mode)
+        if self.freeze_batchnorm:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, batch):
         grid = self.backbone(batch["images"])                        # (B, C, h, w)
@@ -410,13 +434,22 @@ class GRUTextEncoder(nn.Module):
         self.projection = Projection(word_dim, embed_dim, dropout)
         set_finetune(self.backbone, text_cfg["finetune"])
 
-    def forward(self, tokens, lengths, host_lengths=None):
-        # tokens (B, L) long, lengths (B,) long; host_lengths: the same on the CPU (saves a GPU sync)
+    def forward(self, tokens, lengths, host_lengths=None, caption_order=None):
+        # tokens (B, L) long, lengths (B,) long; host_lengths: the same on the CPU (saves a GPU sync);
+        # caption_order (B,) long on the device: indices sorting the captions longest first (collate
+        # computes it on the host, so packing uploads nothing). Outputs keep the input order.
         words = self.backbone["embedding"](tokens)                                # (B, L, W)
         if host_lengths is None:
             host_lengths = lengths.cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(words, host_lengths, batch_first=True,
-                                                   enforce_sorted=False)
+        if caption_order is None:
+            packed = nn.utils.rnn.pack_padded_sequence(words, host_lengths, batch_first=True,
+                                                       enforce_sorted=False)     # uploads its sort order
+        else:
+            sorted_lengths = host_lengths.sort(descending=True).values            # host only
+            packed = nn.utils.rnn.pack_padded_sequence(words.index_select(0, caption_order), sorted_lengths,
+                                                       batch_first=True, enforce_sorted=True)
+            # with sorted_indices set, the GRU returns its final state in the input order
+            packed = nn.utils.rnn.PackedSequence(packed.data, packed.batch_sizes, caption_order)
         _, final = self.backbone["gru"](packed)                                   # (2, B, D)
         mask = lengths_to_mask(lengths, tokens.shape[1])
         return self.projection(words), mask, final.mean(dim=0)
@@ -459,7 +492,7 @@ class BertTextEncoder(nn.Module):
             raise ModelError(f"model.text.global_pool={self.global_pool!r}; use cls or max")
         set_finetune(self.backbone, text_cfg["finetune"])
 
-    def forward(self, tokens, lengths, host_lengths=None):
+    def forward(self, tokens, lengths, host_lengths=None, caption_order=None):
         mask = lengths_to_mask(lengths, tokens.shape[1])
         # BERT given a (B, L) mask asks the GPU whether it is all ones (a host sync each call);
         # the same mask as (B, 1, L) skips that check and gives the same result.
@@ -513,9 +546,10 @@ def move_to(batch, device):
 
 def autocast(device, amp):
     """Mixed precision on CUDA only (amp = bf16 | fp16 | off)."""
-    enabled = torch.device(device).type == "cuda" and amp in ("bf16", "fp16")
+    if not (torch.device(device).type == "cuda" and amp in ("bf16", "fp16")):
+        return contextlib.nullcontext()      # also on devices autocast does not know (meta, in tests)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=enabled)
+    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def load_checkpoint(path):

@@ -385,7 +385,7 @@ def _max_pair_assignment_batch_last(cos, out=None):
     columns = out if out is not None else cos.new_empty(groups, problems, k_v, dtype=torch.long)
     if _uses_permutations(k_v, k_t, assignment=True):
         maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
-        map_columns = _injective_maps(k_v, k_t).to(cos.device)  # (M, K_v)
+        map_columns = _injective_map_columns(k_v, k_t, cos.device)  # (M, K_v)
         for g, p in _problem_slices(groups, problems, maps.shape[0] * cos.element_size()):
             best_map = _first_argmax(_map_sums(maps, cos[g, :, :, p]), 1)[0]  # (g, p)
             torch.index_select(map_columns, 0, best_map.flatten(), out=columns[g, p].view(-1, k_v))
@@ -450,6 +450,12 @@ def _subset_dp(cos, tables):
 def _injective_maps(k_v, k_t):
     """Every injective map rows -> columns, as LongTensor (M, K_v), M = K_t! / (K_t - K_v)!."""
     return torch.tensor(list(itertools.permutations(range(k_t), k_v)), dtype=torch.long).view(-1, k_v)
+
+
+@functools.lru_cache(maxsize=None)
+def _injective_map_columns(k_v, k_t, device):
+    """_injective_maps on `device`, uploaded once per device (not at every training step)."""
+    return _injective_maps(k_v, k_t).to(device)
 
 
 @functools.lru_cache(maxsize=None)

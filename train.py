@@ -23,12 +23,13 @@ import signal
 import sys
 import time
 
+import numpy
 import torch
 import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from config import ConfigError, load_config, validate_config
+from config import ConfigError, checkpoint_config, load_config, validate_config
 from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, prepare_data,
                   set_loader_epoch, training_captions)
 from evaluate import (ArgumentParser, FlagError, build_eval_context, evaluate_model, format_results,
@@ -37,7 +38,7 @@ from losses import maxmatch_loss
 from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
 from similarity import pairwise_similarity
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2     # 2: 'rng' is a list with one entry per rank, and 'world_size'
 
 
 class TrainingError(Exception):
@@ -81,6 +82,7 @@ def train(cfg, resume=None):
         torch.use_deterministic_algorithms(True)
     run_dir = os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
     checkpoint = resume_checkpoint(resume, run_dir, cfg)
+    saved_rng = rank_rng_state(checkpoint, context, resume, run_dir) if checkpoint else None
 
     if context.is_main:
         prepare_data(cfg["data"])
@@ -88,7 +90,7 @@ def train(cfg, resume=None):
     vocab = checkpoint["vocab"] if checkpoint else make_vocabulary(cfg)
     tokenizer = build_text_tokenizer(cfg["model"]["text"], vocab)
     seed_everything(cfg["run"]["seed"])
-    model = build_model(cfg, vocab).to(context.device)
+    model = synchronise_batchnorm(build_model(cfg, vocab), cfg, context).to(context.device)
     train_loader = build_loader(cfg, "train", tokenizer, train=True, rank=context.rank,
                                 world_size=context.world_size)
     val_loader = build_loader(cfg, "val", tokenizer, train=False) if context.is_main else None
@@ -101,7 +103,7 @@ def train(cfg, resume=None):
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_rsum": -math.inf}
     if checkpoint:
         state = restore_state(checkpoint, model, optimizer, scheduler, scaler)
-    seed_everything(cfg["run"]["seed"] + context.rank, restore=checkpoint and checkpoint.get("rng"))
+    seed_everything(cfg["run"]["seed"] + context.rank, restore=saved_rng, loader=train_loader)
     trainer = model
     if context.world_size > 1:
         # device_ids=None: move_to already put the batch on this process's device, and DDP must not
@@ -117,8 +119,8 @@ def train(cfg, resume=None):
         print(f"run {run_dir}: {count_parameters(model) / 1e6:.2f}M parameters, {steps_per_epoch} steps/epoch "
               f"x {cfg['train']['epochs']} epochs, {context.world_size} process(es) on {context.device}",
               flush=True)
-    save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context.is_main)
-    stop = StopRequest()
+    save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context)
+    stop = StopRequest(context)
     log = JsonlLog(os.path.join(run_dir, "log.jsonl")) if context.is_main else None
     steps_this_invocation = 0
     stop_after = cfg["train"]["stop_after_steps"]
@@ -126,6 +128,7 @@ def train(cfg, resume=None):
 
     for epoch in range(state["epoch"], cfg["train"]["epochs"]):
         set_loader_epoch(train_loader, epoch, start_batch=state["step"])
+        save.loader_state = train_loader.generator.get_state()   # before iterating draws from it
         trainer.train()
         running = RunningMean()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['train']['epochs']}", leave=False,
@@ -141,14 +144,17 @@ def train(cfg, resume=None):
                 if log:
                     log.write({"epoch": epoch, "step": state["step"], "global_step": state["global_step"],
                                "lr": scheduler.get_last_lr()[0], **running.means()})
-            if stop.requested or (stop_after and steps_this_invocation >= stop_after):
+            stopping = stop.agreed()        # every rank, every step: a signal to any rank stops all here
+            if stopping or (stop_after and steps_this_invocation >= stop_after):
                 raise_if_diverged(running, epoch, state, run_dir)
                 save("last.pt", state)
-                if stop.requested:
+                context.barrier()           # no rank leaves (and makes torchrun end the job) mid-save
+                if stopping:
+                    stop.ignore_further_signals()
                     if context.is_main:
                         print(f"stopped by signal at epoch {epoch + 1} step {state['step']}; saved "
                               f"{run_dir}/last.pt (continue with --resume auto)", flush=True)
-                    raise Interrupted(128 + stop.signal_number)
+                    raise Interrupted(128 + stop.agreed_signal)
                 return run_dir
         raise_if_diverged(running, epoch, state, run_dir)
         state["epoch"], state["step"] = epoch + 1, 0
@@ -163,9 +169,10 @@ def train(cfg, resume=None):
             print(epoch_line(summary, is_best), flush=True)
         else:
             is_best = False
+        save.loader_state = train_loader.generator.get_state()   # what the next epoch starts from
         save("last.pt", state)
         if is_best:
-            save("best.pt", state)
+            save("best.pt", state, rng_states=save.last_rng_states)
         context.barrier()
 
     if context.is_main:
@@ -273,7 +280,8 @@ def resume_checkpoint(resume, run_dir, cfg):
     if resume == "auto" and not os.path.exists(path):
         return None
     checkpoint = load_checkpoint(path)
-    differences = config_differences(checkpoint["config"]["model"], cfg["model"], "model")
+    # over today's defaults: a model key added since the checkpoint was written is not a difference
+    differences = config_differences(checkpoint_config(checkpoint, path)["model"], cfg["model"], "model")
     if differences:
         raise CheckpointError(f"{path} was trained with another model config ({'; '.join(differences[:5])}); "
                               "resume with the same config or start a new run")
@@ -295,37 +303,86 @@ def restore_state(checkpoint, model, optimizer, scheduler, scaler):
     return dict(checkpoint["state"])
 
 
-def seed_everything(seed, restore=None):
-    """Seed Python and torch RNGs, or restore them from a checkpoint's 'rng' entry."""
+def seed_everything(seed, restore=None, loader=None):
+    """Seed Python, NumPy and torch RNGs, or restore them (and the loader's generator) from one
+    rank's entry of a checkpoint's 'rng' list (see rng_state)."""
     if restore:
         random.setstate(restore["python"])
         torch.set_rng_state(restore["torch"])
-        if restore.get("cuda") is not None and torch.cuda.is_available():
+        if restore.get("numpy") is not None:
+            name, keys, position, has_gauss, gauss = restore["numpy"]
+            numpy.random.set_state((name, keys.numpy().astype(numpy.uint32), position, has_gauss, gauss))
+        if isinstance(restore.get("cuda"), list) and torch.cuda.is_available():     # version 1: all devices
             torch.cuda.set_rng_state_all(restore["cuda"])
+        elif restore.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(restore["cuda"])            # this process's current device
+        if loader is not None and restore.get("loader") is not None:
+            loader.generator.set_state(restore["loader"])
         return
     random.seed(seed)
+    numpy.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def rng_state(loader_state=None):
+    """This process's RNG states: Python, NumPy, torch CPU, its CUDA device, and `loader_state`: the
+    state of the generator the train loader draws its worker seeds from, as of the start of the
+    epoch (iterating the loader draws from it once)."""
+    name, keys, position, has_gauss, gauss = numpy.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(numpy.int64)), position, has_gauss, gauss)  # loads weights_only
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "loader": loader_state}
+
+
+def rank_rng_state(checkpoint, context, resume, run_dir):
+    """This rank's RNG states from a checkpoint; a checkpoint written by another number of processes
+    stops the run (a rank's dropout masks and batch shard depend on the count, so the run could not
+    continue exactly)."""
+    path = os.path.join(run_dir, "last.pt") if resume == "auto" else resume
+    states = checkpoint.get("rng")
+    states = states if isinstance(states, list) else [states]     # version 1: rank 0's states only
+    written_by = checkpoint.get("world_size", 1)
+    if written_by != context.world_size:
+        raise CheckpointError(
+            f"{path} was written by {written_by} process(es) and this run has {context.world_size}: resume "
+            f"with {written_by} (torchrun --nproc_per_node={written_by}); each process continues from its own "
+            "RNG state and batch shard, so another count cannot continue the run exactly")
+    return states[context.rank]
+
+
+def synchronise_batchnorm(model, cfg, context):
+    """model.image.batchnorm=sync: SyncBatchNorm across processes (CUDA only). One process: as batch."""
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if cfg["model"]["image"].get("batchnorm") != "sync" or context.world_size == 1 or not has_batchnorm:
+        return model
+    if context.device.type != "cuda":
+        raise ConfigError("model.image.batchnorm=sync needs CUDA (torch's SyncBatchNorm cannot run on the "
+                          "CPU); use model.image.batchnorm=frozen (exact across processes) or batch")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 class CheckpointWriter:
-    """Writes checkpoints atomically (temp file, fsync, rename) from the main process only."""
+    """Writes checkpoints atomically (temp file, fsync, rename) from the main process. Every rank
+    calls it (unless rng_states are given): the RNG states of all ranks are gathered into the file.
+    The training loop sets `loader_state` (see rng_state)."""
 
-    def __init__(self, run_dir, cfg, vocab, model, optimizer, scheduler, scaler, is_main):
-        self.run_dir, self.cfg, self.vocab, self.is_main = run_dir, cfg, vocab, is_main
+    def __init__(self, run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context):
+        self.run_dir, self.cfg, self.vocab, self.context = run_dir, cfg, vocab, context
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.loader_state, self.last_rng_states = None, None
 
-    def __call__(self, name, state):
-        if not self.is_main:
+    def __call__(self, name, state, rng_states=None):
+        if rng_states is None:
+            rng_states = self.context.gather_objects(rng_state(self.loader_state))     # [rank 0, rank 1, ...]
+            self.last_rng_states = rng_states
+        if not self.context.is_main:
             return
         checkpoint = {"version": CHECKPOINT_VERSION, "model": self.model.state_dict(),
                       "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                       "scaler": self.scaler.state_dict(), "state": dict(state), "epoch": state["epoch"],
-                      "rng": rng_state(), "config": self.cfg, "vocab": self.vocab}
+                      "rng": rng_states, "world_size": self.context.world_size, "config": self.cfg,
+                      "vocab": self.vocab}
         atomic_save(checkpoint, os.path.join(self.run_dir, name))
 
 
@@ -352,15 +409,34 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop saves last.pt after the current step and exits."""
+    """SIGTERM / Ctrl-C set a flag in the process that receives it; `agreed()`, called by every rank
+    after every step, tells all ranks whether any rank has it (the largest signal number wins), so
+    all stop at the same step boundary, save last.pt once and exit with 128 + `agreed_signal`.
 
-    def __init__(self):
-        self.requested, self.signal_number = False, 0
+    The handler only ever raises `signal_number`: a signal that arrives while the flag is in flight
+    (the handler runs when the all_reduce returns) is sent at the next step, never lost."""
+
+    def __init__(self, context):
+        self.context, self.signal_number, self.agreed_signal = context, 0, 0
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signal_number, self.handle)
 
     def handle(self, signal_number, frame):
-        self.requested, self.signal_number = True, signal_number
+        self.signal_number = max(self.signal_number, signal_number)
+
+    def agreed(self):
+        flag = torch.tensor([self.signal_number], dtype=torch.int32)
+        if self.context.world_size > 1:
+            # A one-element all_reduce on the host (gloo): no GPU sync; see benchmarks/stop_flag_cost.py
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.context.host_group)
+        self.agreed_signal = int(flag[0])
+        return self.agreed_signal > 0
+
+    def ignore_further_signals(self):
+        """After the stop is saved: a SIGTERM from torchrun (sent to the ranks still exiting when the
+        first one has left) must not turn this rank's exit code 128 + signal into death by signal."""
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signal_number, signal.SIG_IGN)
 
 
 class JsonlLog:
@@ -390,9 +466,18 @@ class RunningMean:
 class DistributedContext:
     """Rank, world size and device of this process, plus gather/barrier that are no-ops alone."""
 
-    def __init__(self, rank, world_size, device):
+    def __init__(self, rank, world_size, device, host_group=None):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.is_main = rank == 0
+        self.host_group = host_group    # a gloo group for small host-side collectives (None: the default)
+
+    def gather_objects(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, host side)."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.host_group)
+        return gathered
 
     def gather(self, tensors, with_grad=True):
         """Concatenate each tensor over processes along dim 0 (rank order), keeping the gradient."""
@@ -447,7 +532,9 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistributedContext(rank, world_size, device)
+    # NCCL runs: stop flags and RNG states travel through a gloo group, so the host never waits on the GPU
+    host_group = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
+    return DistributedContext(rank, world_size, device, host_group)
 
 
 def count_parameters(model):

@@ -17,19 +17,34 @@ long benchmark can be stopped and started again; the minutes of a resumed run co
 invocation only. With --jobs 2
 two runs share the cores (one thread each), which on 2 cores finishes the grid sooner than one run
 with two threads; the times in the table are then per run while sharing.
+
+    python benchmarks/ablation.py --grid matching --jobs 2 --threads 1   # the README's pre-registered experiment
+
+`--grid matching` runs on two datasets, config.yaml's and the crowded preset (configs/shapes_crowded.yaml,
+its runs in <out>/crowded_<configuration>_seed<N>/). Every finished run is appended as one row to a
+CSV (default benchmarks/results/<grid>.csv; --quick: <out>/results.csv, never benchmarks/results/):
+configuration, dataset, seed, every test recall, RSUM, median/mean ranks, every collapse measure, the
+best epoch's validation numbers, epochs, minutes, threads, commit and a hash of the run's saved config
+(without run names, paths, threads and seed). A run whose (configuration, dataset, seed, config hash)
+row is in the CSV is not trained again, so the committed CSV carries finished runs across sessions and
+machines; benchmarks/ablation_tables.py turns it into the README's tables.
 """
 import argparse
 import concurrent.futures
+import csv
+import datetime
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from config import DEFAULT_CONFIG, load_config, merge_config, read_yaml  # noqa: E402
+from config import DEFAULT_CONFIG, ConfigError, load_config, merge_config, read_yaml  # noqa: E402
 from data import prepare_data  # noqa: E402
 
 # Which of the four set regularisers a configuration keeps; the kept ones use config.yaml's weights.
@@ -74,6 +89,17 @@ GRIDS = {
         "gd/isd 0.1, deltas 0.7/0.5": ("max_pair", "all", ["loss.gd.weight=0.1", "loss.isd.weight=0.1",
                                                            "loss.gd.delta=0.7", "loss.isd.delta=0.5"]),
     },
+    # The pre-registered experiment (README "Pre-registered experiment: does maximal matching matter?"):
+    # H1 compares the three matchings with every loss, H2 the same three with DivE's Div + MMD only,
+    # H3 each matching's two rows (GD + ISD added or not), so every run serves two hypotheses.
+    "matching": {
+        "max_pair all": ("max_pair", "all", []),
+        "smooth_chamfer all": ("smooth_chamfer", "all", []),
+        "mil all": ("mil", "all", []),
+        "max_pair div+mmd": ("max_pair", "div+mmd", []),
+        "smooth_chamfer div+mmd": ("smooth_chamfer", "div+mmd", []),
+        "mil div+mmd": ("mil", "div+mmd", []),
+    },
     "quick": {
         "mil div+mmd": ("mil", "div+mmd", []),
         "max_pair all": ("max_pair", "all", []),
@@ -82,6 +108,25 @@ GRIDS = {
 
 # The reduced training budget of every full run: config.yaml's model and data, 3 epochs instead of 8.
 BUDGET = ["train.epochs=3"]
+# Datasets: name -> preset merged over config.yaml (None: config.yaml's own data). A preset is passed
+# to train.py as dotted overrides (its run.* keys left out), so a run is fully named by its overrides.
+DATASETS = {"default": None, "crowded": os.path.join("configs", "shapes_crowded.yaml")}
+# Per grid: the datasets and seeds it runs unless --datasets / --seeds say otherwise. The matching
+# grid's seeds leave out 0, the seed config.yaml's loss weights were tuned with (README).
+GRID_DATASETS = {"matching": ["default", "crowded"]}
+GRID_SEEDS = {"matching": [1, 2, 3, 4, 5, 6, 7, 8], "quick": [0, 1]}
+# Config keys that do not change what a run computes (names, places, thread count) or that the CSV
+# keeps in its own column (seed): left out of the config hash.
+UNHASHED_KEYS = ("run.name", "run.out_dir", "run.num_threads", "run.seed", "data.root", "data.karpathy_json",
+                 "data.image_dir", "data.num_workers")
+COLLAPSE_KEYS = ("intra_set_cos", "global_cos", "log_set_variance", "log_circular_variance")
+RANK_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr",
+             "i2t_meanr", "t2i_meanr")
+CSV_COLUMNS = (["configuration", "dataset", "seed", "method", "regularisers", "epochs", "best_epoch", *RANK_KEYS]
+               + [f"{side}_{key}" for side in ("image", "caption") for key in COLLAPSE_KEYS]
+               + ["val_rsum", "val_i2t_r1", "val_t2i_r1"]
+               + [f"val_{side}_{key}" for side in ("image", "caption") for key in COLLAPSE_KEYS]
+               + ["minutes", "threads", "commit", "config_hash", "finished_utc"])
 # The quick mode: tiny data and model, one epoch (as the train.py tests use), seconds per run.
 QUICK_BUDGET = ["train.epochs=1", "train.batch_size=8", "eval.batch_size=16", "model.embed_dim=32",
                 "model.num_embeds=2", "model.set_head.depth=1", "model.text.word_dim=16",
@@ -93,12 +138,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="ablation")
     parser.add_argument("--quick", action="store_true", help="tiny data, 2 configurations x 2 seeds")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0 1)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default: 0 1 2 (matching: 1 to 8; quick: 0 1)")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
+                        help="default: default (matching: default crowded)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these configuration names")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--out", default=None, help="default: runs/ablation_<grid> (quick: runs/ablation_quick)")
     parser.add_argument("--table", default=None, help="markdown output (default: <out>/table.md)")
+    parser.add_argument("--results", default=None,
+                        help="CSV of finished runs (default: benchmarks/results/<grid>.csv; quick: <out>/results.csv)")
+    parser.add_argument("--plan", action="store_true", help="list the runs, their config hashes and which the CSV "
+                        "already holds; train nothing")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. train.epochs=2")
     args = parser.parse_args(argv)
 
@@ -109,27 +161,48 @@ def main(argv=None):
         if unknown:
             parser.error(f"unknown configuration(s) {unknown}; grid '{grid}' has {sorted(configurations)}")
         configurations = {name: configurations[name] for name in args.only}
-    seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
+    seeds = args.seeds if args.seeds is not None else GRID_SEEDS.get(grid, [0, 1, 2])
+    datasets = args.datasets or GRID_DATASETS.get(grid, ["default"])
     out = os.path.abspath(args.out or os.path.join(REPO, "runs", f"ablation_{grid}"))
+    results_path = os.path.abspath(args.results or (os.path.join(out, "results.csv") if args.quick else
+                                                    os.path.join(REPO, "benchmarks", "results", f"{grid}.csv")))
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
     budget = list(QUICK_BUDGET if args.quick else BUDGET)
-    if args.quick:
-        budget.append(f"data.root={os.path.join(out, 'data')}")
-    budget += args.overrides
+    if any(o.startswith("data.root=") for o in args.overrides) and len(datasets) > 1:
+        parser.error("data.root would put every dataset in one folder; run one --datasets at a time")
 
-    jobs = [(name, seed, run_overrides(method, regularisers, extra, budget, out, name, seed, threads))
-            for name, (method, regularisers, extra) in configurations.items() for seed in seeds]
-    if len({run_name(name, seed) for name, seed, _ in jobs}) != len(jobs):
+    try:
+        jobs = plan_jobs(configurations, datasets, seeds, budget, args.overrides, out, threads, args.quick)
+        finished = read_results(results_path)
+    except (ConfigError, ValueError) as error:     # a bad override or preset, a CSV of other columns
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if len({run_name(job["label"], job["seed"]) for job in jobs}) != len(jobs):
         parser.error("two configurations map to the same run folder name; rename one")
-    prepare_dataset(jobs[0][2])   # once, before parallel runs could race to generate it
+    if args.plan:
+        done = [results_key(job["name"], job["dataset"], job["seed"], job["config_hash"]) in finished for job in jobs]
+        for job, in_csv in zip(jobs, done):
+            print(f"{job['dataset']:10s} {job['name']:24s} seed {job['seed']:<4d} hash {job['config_hash']} "
+                  f"{'in the CSV' if in_csv else 'to run'}")
+        print(f"{len(jobs)} runs, {sum(done)} of them in {results_path}")
+        return 0
+    for dataset in datasets:    # once each, before parallel runs could race to generate it
+        prepare_dataset(next(job["overrides"] for job in jobs if job["dataset"] == dataset))
     started = time.time()
-    print(f"{len(jobs)} runs ({len(configurations)} configurations x {len(seeds)} seeds), {args.jobs} at a time, "
-          f"{threads} thread(s) each; runs in {out}", flush=True)
+    print(f"{len(jobs)} runs ({len(configurations)} configurations x {len(datasets)} dataset(s) x {len(seeds)} "
+          f"seeds), {args.jobs} at a time, {threads} thread(s) each; runs in {out}, results in {results_path}",
+          flush=True)
+    recorder = ResultsRecorder(results_path, finished, commit=git_commit())
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_one(*job, out=out), jobs))
+        results = list(pool.map(lambda job: recorder.run_or_reuse(job, out, threads), jobs))
 
     split = "val" if grid == "tune" else "test"      # tuning never looks at the test split
-    table = markdown_table(summarise(configurations, results, split), split)
+    tables = []
+    for dataset in datasets:
+        table = markdown_table(summarise(configurations, [r for r in results if r["dataset"] == dataset], split),
+                               split)
+        tables.append(table if datasets == ["default"] else f"Dataset `{dataset}`:\n\n{table}")
+    table = "\n\n".join(tables)
     reused = sum(1 for r in results if r.get("reused"))
     run_minutes = sum(r.get("seconds", 0.0) for r in results) / 60
     header = (f"Grid `{grid}`, {len(seeds)} seed(s) {seeds}, budget `{' '.join(b for b in budget if 'data.root' not in b)}`, "
@@ -139,9 +212,28 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(table_path)), exist_ok=True)
     with open(table_path, "w") as handle:
         handle.write(header + table + "\n")
-    print("\n" + header + table + f"\n\nwritten to {table_path}", flush=True)
+    print("\n" + header + table + f"\n\nwritten to {table_path}; raw results in {results_path}", flush=True)
     failed = [r for r in results if r["error"]]
     return 1 if failed else 0
+
+
+def plan_jobs(configurations, datasets, seeds, budget, extra_overrides, out, threads, quick=False):
+    """Every run of the grid as a dict: name, dataset, seed, label (the run folder's stem), method,
+    regularisers, train.py overrides and the config hash they give."""
+    jobs = []
+    for dataset in datasets:
+        dataset_budget = dataset_overrides(dataset) + list(budget)
+        if quick:
+            dataset_budget.append(f"data.root={os.path.join(out, 'data' if dataset == 'default' else 'data_' + dataset)}")
+        dataset_budget += list(extra_overrides)
+        for name, (method, regularisers, extra) in configurations.items():
+            label = name if dataset == "default" else f"{dataset}: {name}"      # run folder crowded_<name>_seed<N>
+            for seed in seeds:
+                overrides = run_overrides(method, regularisers, extra, dataset_budget, out, label, seed, threads)
+                jobs.append({"name": name, "dataset": dataset, "seed": seed, "label": label, "method": method,
+                             "regularisers": regularisers, "overrides": overrides,
+                             "config_hash": config_hash(load_config(None, overrides))})
+    return jobs
 
 
 def run_overrides(method, regularisers, extra, budget, out, name, seed, threads):
@@ -290,6 +382,142 @@ def overrides_value(overrides, key):
 def prepare_dataset(overrides):
     """Generate the runs' shapes dataset if it is missing (data.py reads the same overrides)."""
     prepare_data(load_config(None, [o for o in overrides if o.startswith("data.")])["data"])
+
+
+
+class ResultsRecorder:
+    """The CSV of finished runs: reuses a run found there, appends a row when a run finishes."""
+
+    def __init__(self, path, finished, commit):
+        self.path, self.finished, self.commit = path, finished, commit
+        self.lock = threading.Lock()
+
+    def run_or_reuse(self, job, out, threads):
+        """The job's result: from its CSV row when (configuration, dataset, seed, config hash) is there,
+        else from run_one (which reuses or resumes a run folder), appended to the CSV when it finished."""
+        identity = {"name": job["name"], "dataset": job["dataset"], "seed": job["seed"]}
+        row = self.finished.get(results_key(job["name"], job["dataset"], job["seed"], job["config_hash"]))
+        if row is not None:
+            return {**row_result(row), **identity, "error": None, "reused": True}
+        result = {**run_one(job["label"], job["seed"], job["overrides"], out=out), **identity}
+        if not result["error"]:
+            self.append(results_row(job, result["run_dir"], result["seconds"], threads, self.commit))
+        return result
+
+    def append(self, row):
+        with self.lock:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+            with open(self.path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self.finished[results_key(row["configuration"], row["dataset"], row["seed"], row["config_hash"])] = row
+
+
+def read_results(path):
+    """{(configuration, dataset, seed, config hash): row} of a results CSV ({} when there is none)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None:
+            return {}
+        if list(reader.fieldnames) != list(CSV_COLUMNS):
+            raise ValueError(f"{path} has the columns {reader.fieldnames}, not this script's {list(CSV_COLUMNS)}; "
+                             "move it aside or pass --results")
+        return {results_key(row["configuration"], row["dataset"], row["seed"], row["config_hash"]): row
+                for row in reader}
+
+
+def results_row(job, run_dir, seconds, threads, commit):
+    """One CSV row of a finished run, from its folder: test_metrics.json, log.jsonl, config.yaml."""
+    with open(os.path.join(run_dir, "test_metrics.json")) as handle:
+        metrics = json.load(handle)
+    test = metrics["all"] if isinstance(metrics.get("all"), dict) else metrics     # nested or flat layout
+    with open(os.path.join(run_dir, "log.jsonl")) as handle:
+        epochs = [entry for entry in map(json.loads, handle) if "val" in entry]
+    best = max(epochs, key=lambda entry: entry["val"]["rsum"])      # the epoch best.pt comes from
+    saved = saved_config(run_dir)
+    row = {"configuration": job["name"], "dataset": job["dataset"], "seed": job["seed"], "method": job["method"],
+           "regularisers": job["regularisers"], "epochs": saved["train"]["epochs"], "best_epoch": best["epoch"],
+           **{key: test.get(key, "") for key in RANK_KEYS},
+           "val_rsum": best["val"]["rsum"], "val_i2t_r1": best["val"]["i2t_r1"], "val_t2i_r1": best["val"]["t2i_r1"],
+           "minutes": round(seconds / 60, 3), "threads": threads, "commit": commit,
+           "config_hash": config_hash(saved),
+           "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    for prefix, collapse in (("", metrics["collapse"]), ("val_", best["collapse"])):
+        for side in ("image", "caption"):
+            for key in COLLAPSE_KEYS:
+                row[f"{prefix}{side}_{key}"] = collapse[side].get(key, "")     # runs older than a measure: blank
+    return {key: round(value, 6) if isinstance(value, float) else value for key, value in row.items()}
+
+
+def row_result(row):
+    """A CSV row as the result dict summarise() reads (numbers as floats, blanks as nan)."""
+    number = lambda key: float(row[key]) if row[key] != "" else math.nan      # noqa: E731
+    collapse = lambda prefix: {side: {key: number(f"{prefix}{side}_{key}") for key in COLLAPSE_KEYS}  # noqa: E731
+                               for side in ("image", "caption")}
+    return {**{key: number(key) for key in RANK_KEYS}, "collapse": collapse(""), "val_collapse": collapse("val_"),
+            "val_rsum": number("val_rsum"), "val_i2t_r1": number("val_i2t_r1"), "val_t2i_r1": number("val_t2i_r1"),
+            "seconds": 60 * number("minutes")}
+
+
+def results_key(configuration, dataset, seed, hash_):
+    return configuration, dataset, str(seed), hash_
+
+
+def config_hash(cfg):
+    """12 hex digits of SHA-256 over the config without UNHASHED_KEYS: equal for the runs of one
+    configuration, dataset and budget whatever their seed, folder or thread count."""
+    cfg = json.loads(json.dumps(cfg))
+    for key in UNHASHED_KEYS:
+        section, leaf = key.split(".")
+        cfg.get(section, {}).pop(leaf, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def saved_config(run_dir):
+    """A run's saved config merged over today's config.yaml (as evaluate.py reads checkpoints)."""
+    return merge_config(read_yaml(DEFAULT_CONFIG), read_yaml(os.path.join(run_dir, "config.yaml")), source=run_dir)
+
+
+def dataset_overrides(dataset):
+    """A dataset's preset as dotted train.py overrides (its run.* keys left out)."""
+    preset = DATASETS[dataset]
+    if preset is None:
+        return []
+    content = {k: v for k, v in read_yaml(os.path.join(REPO, preset)).items() if k != "run"}
+    return flatten_config(content, read_yaml(DEFAULT_CONFIG))
+
+
+def flatten_config(update, defaults, prefix=""):
+    """{'data': {'root': 'x'}} -> ['data.root="x"']; a dict stays one value where the default is a
+    free-form (empty) dict, as merge_config treats it. Values are JSON, which the overrides parse as YAML."""
+    items = []
+    for key, value in update.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict) and isinstance(default, dict) and default:
+            items += flatten_config(value, default, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={json.dumps(value)}")
+    return items
+
+
+def git_commit():
+    """The checked-out commit (12 hex digits), '-dirty' when tracked files outside benchmarks/results differ."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
 
 
 if __name__ == "__main__":

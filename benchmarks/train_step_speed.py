@@ -36,10 +36,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="CUDA: run the timed steps under torch.cuda.set_sync_debug_mode('error'), so any "
+                             "host-device sync or synchronous copy in a training step raises")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.num_embeds=8")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.sync_debug and not args.device.startswith("cuda"):
+        parser.error("--sync-debug needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = random_weights(load_config(args.config, args.overrides))
@@ -54,7 +59,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     eager_ms = None
     for mode in args.modes:
-        seconds, warmup_s, peak = time_steps(cfg, batch, device, mode == "compiled", args.steps, args.warmup)
+        seconds, warmup_s, peak = time_steps(cfg, batch, device, mode == "compiled", args.steps, args.warmup,
+                                             args.sync_debug)
         ms = 1000 * seconds / args.steps
         eager_ms = ms if mode == "eager" else eager_ms
         ratio = f"{ms / eager_ms:.2f}x" if eager_ms else "-"
@@ -88,7 +94,8 @@ def synthetic_batch(cfg, batch_size, caption_length, device):
     size = cfg["data"]["image_size"]
     batch = {"images": torch.randn(batch_size, 3, size, size, generator=generator),
              "tokens": tokens, "lengths": lengths, "image_ids": torch.arange(batch_size),
-             "caption_image_ids": torch.arange(batch_size).repeat_interleave(cfg["data"]["captions_per_image"])}
+             "caption_image_ids": torch.arange(batch_size).repeat_interleave(cfg["data"]["captions_per_image"]),
+             "caption_order": lengths.argsort(descending=True, stable=True)}     # as data.collate_batch
     if cfg["model"]["image"]["type"] == "precomputed":
         batch["regions"] = torch.randn(batch_size, 36, cfg["model"]["image"]["feature_dim"], generator=generator)
         batch["region_lengths"] = torch.full((batch_size,), 36)
@@ -97,8 +104,10 @@ def synthetic_batch(cfg, batch_size, caption_length, device):
     return batch
 
 
-def time_steps(cfg, batch, device, compiled, steps, warmup):
-    """Seconds for `steps` training steps after `warmup` steps, the warm-up seconds, peak GPU bytes."""
+def time_steps(cfg, batch, device, compiled, steps, warmup, sync_debug=False):
+    """Seconds for `steps` training steps after `warmup` steps, the warm-up seconds, peak GPU bytes.
+    sync_debug: the timed steps run under torch.cuda.set_sync_debug_mode("error") (the warm-up fills
+    the per-device caches, which copies to the device once)."""
     torch.manual_seed(0)
     model = build_model(cfg, vocab=GRU_VOCAB if cfg["model"]["text"]["type"] == "gru" else None).to(device).train()
     trainer = torch.compile(model, dynamic=True) if compiled else model
@@ -115,7 +124,11 @@ def time_steps(cfg, batch, device, compiled, steps, warmup):
             synchronize(device)
             warmup_s = time.perf_counter() - started
             started = time.perf_counter()
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("error")
         loss = training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler)["loss"]
+    if sync_debug:
+        torch.cuda.set_sync_debug_mode("default")
     synchronize(device)
     seconds = time.perf_counter() - started
     if not torch.isfinite(loss):

@@ -1,7 +1,10 @@
 """benchmarks/: the ablation script's quick mode end to end, its table arithmetic, and the
 training-step speed benchmark on a tiny config."""
+import csv
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +39,39 @@ def test_ablation_quick_mode_trains_every_run_and_writes_the_table(tmp_path):
                         "loss.isd.delta=0.2"])
     assert other.returncode == 1 and "holds a run with another config" in other.stdout
     assert "| mil div+mmd | failed |" in (tmp_path / "table.md").read_text()
+
+    # One CSV row per finished run, in <out> (never benchmarks/results/), enough to reuse runs whose
+    # folders are gone; a new dataset's runs are trained and appended.
+    rows = read_csv(tmp_path / "results.csv")
+    rows.sort(key=lambda r: (r["configuration"], r["seed"]))        # appended in the order the runs finished
+    assert [(r["configuration"], r["seed"]) for r in rows] == [("max_pair all", "0"), ("max_pair all", "1"),
+                                                                ("mil div+mmd", "0"), ("mil div+mmd", "1")]
+    assert not os.path.exists(os.path.join(REPO, "benchmarks", "results", "quick.csv"))
+    assert rows[0]["config_hash"] == rows[1]["config_hash"] != rows[2]["config_hash"]
+    metrics = json.loads((tmp_path / "max_pair_all_seed1" / "test_metrics.json").read_text())
+    metrics = metrics["all"] if isinstance(metrics.get("all"), dict) else metrics
+    assert float(rows[1]["rsum"]) == pytest.approx(metrics["rsum"], abs=1e-5)
+    assert float(rows[1]["t2i_meanr"]) == pytest.approx(metrics["t2i_meanr"], abs=1e-5)
+    assert all(r["image_log_circular_variance"] and r["commit"] and float(r["minutes"]) > 0 for r in rows)
+    for name in ("mil_divmmd_seed0", "mil_divmmd_seed1", "max_pair_all_seed0", "max_pair_all_seed1"):
+        shutil.rmtree(tmp_path / name)
+    crowded = run_script(["benchmarks/ablation.py", "--quick", "--out", str(tmp_path), "--datasets", "default",
+                          "crowded", "--seeds", "1", "--only", "max_pair all"])
+    assert crowded.returncode == 0, crowded.stdout[-2000:] + crowded.stderr[-2000:]
+    assert crowded.stdout.count("done ") == 1 and "done max_pair all seed 1" not in crowded.stdout
+    assert "1 of 2 runs reused" in crowded.stdout and "Dataset `crowded`" in crowded.stdout
+    rows = read_csv(tmp_path / "results.csv")
+    assert len(rows) == 5 and (rows[-1]["dataset"], rows[-1]["seed"]) == ("crowded", "1")
+    default_hash = next(r["config_hash"] for r in rows if r["configuration"] == "max_pair all")
+    assert rows[-1]["configuration"] == "max_pair all" and rows[-1]["config_hash"] != default_hash
+    assert (tmp_path / "crowded_max_pair_all_seed1" / "test_metrics.json").exists()
+    images = json.loads((tmp_path / "data_crowded" / "dataset_shapes.json").read_text())["images"]
+    assert {len(image["objects"]) for image in images} <= {4, 5, 6}
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def test_each_configuration_switches_the_intended_loss_terms():
@@ -84,6 +120,45 @@ def test_train_step_speed_benchmark_prints_an_eager_row_with_positive_times():
     _, mode, warmup_s, ms, rate, ratio, memory, _ = rows[0].split("|")
     assert 0 < float(ms) < 60_000 and float(rate) > 0 and float(warmup_s) >= 0
     assert ratio.strip() == "1.00x" and memory.strip() == "-"
+
+
+def test_config_hash_ignores_names_places_threads_and_seed_but_not_the_training():
+    base = ablation.load_config(None, ["train.epochs=3"])
+    moved = ablation.load_config(None, ["train.epochs=3", "run.name=x", "run.out_dir=/else", "run.num_threads=1",
+                                        "run.seed=7", "data.root=/data/elsewhere"])
+    assert ablation.config_hash(base) == ablation.config_hash(moved)
+    for change in ("train.epochs=4", "loss.similarity=mil", "data.shapes.max_objects=4", "loss.gd.weight=0"):
+        assert ablation.config_hash(ablation.load_config(None, ["train.epochs=3", change])) != ablation.config_hash(base)
+
+
+def test_a_dataset_preset_becomes_overrides_that_give_the_presets_config():
+    preset = os.path.join(REPO, ablation.DATASETS["crowded"])
+    from_overrides = ablation.load_config(None, ablation.dataset_overrides("crowded"))
+    from_preset = ablation.load_config(preset)
+    from_overrides["run"]["name"] = from_preset["run"]["name"]       # run.* stays the ablation's
+    assert from_overrides == from_preset
+    assert ablation.dataset_overrides("default") == []
+    assert ablation.flatten_config({"loss": {"similarity_options": {"alpha": 8}}},
+                                   ablation.read_yaml(ablation.DEFAULT_CONFIG)) == ['loss.similarity_options={"alpha": 8}']
+
+
+def test_the_matching_plan_lists_96_runs_of_12_configurations_and_trains_nothing(tmp_path):
+    result = run_script(["benchmarks/ablation.py", "--grid", "matching", "--plan", "--out", str(tmp_path / "out"),
+                         "--results", str(tmp_path / "none.csv")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.split() for line in result.stdout.splitlines() if line.endswith("to run")]
+    assert len(lines) == 96 and result.stdout.rstrip().endswith(f"96 runs, 0 of them in {tmp_path / 'none.csv'}")
+    hashes = {line[-3] for line in lines}
+    assert len(hashes) == 12                       # 6 configurations x 2 datasets; seeds share a hash
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_matching_grid_holds_every_matching_with_all_losses_and_with_div_mmd_only():
+    grid = ablation.GRIDS["matching"]
+    assert {(method, regularisers) for method, regularisers, _ in grid.values()} == {
+        (method, regularisers) for method in ("max_pair", "smooth_chamfer", "mil") for regularisers in ("all", "div+mmd")}
+    assert ablation.GRID_DATASETS["matching"] == ["default", "crowded"] and len(ablation.GRID_SEEDS["matching"]) == 8
+    assert 0 not in ablation.GRID_SEEDS["matching"]          # the seed the loss weights were tuned with
 
 
 def test_similarity_bench_ranking_part_prints_every_row_with_the_exact_fraction():

@@ -375,7 +375,9 @@ def test_collate_pads_tokens_and_orders_captions_image_major():
     assert batch["lengths"].tolist() == [3, 5, 2, 3]
     assert batch["image_ids"].tolist() == [7, 3]
     assert batch["caption_image_ids"].tolist() == [7, 7, 3, 3]
-    assert all(batch[k].dtype == torch.long for k in ("tokens", "lengths", "image_ids", "caption_image_ids"))
+    assert batch["caption_order"].tolist() == [1, 0, 3, 2]      # longest first, ties in batch order
+    assert all(batch[k].dtype == torch.long for k in ("tokens", "lengths", "image_ids", "caption_image_ids",
+                                                      "caption_order"))
 
 
 def test_collate_pads_regions_with_lengths():

@@ -1,6 +1,7 @@
 """evaluate.py: retrieval metrics against brute force (ties counted against the ground truth),
 COCO 5-fold 1K, collapse diagnostics."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -190,6 +191,25 @@ def test_collapse_diagnostics_separate_collapsed_from_spread_sets():
     # per-dimension variance over 4 one-hot elements: dims 0..3 have var 3/16, dims 4..7 zero
     assert s["log_set_variance"] == pytest.approx(torch.tensor(3 / 16 * 4 / 8).log().item())
     assert c["log_set_variance"] < -20
+
+
+def test_log_circular_variance_is_the_mean_over_sets_of_log_one_minus_the_mean_resultant_length():
+    global_ = torch.nn.functional.normalize(torch.ones(3, 8), dim=-1)
+    collapsed = torch.nn.functional.normalize(torch.ones(3, 4, 8), dim=-1)
+    orthogonal = torch.eye(8)[:4].expand(3, 4, 8)                    # R = ||(1,1,1,1,0..)/4|| = 1/2
+    opposed = torch.eye(8)[:2].repeat(3, 2, 1) * torch.tensor([1.0, 1.0, -1.0, -1.0]).view(1, 4, 1)   # R = 0
+    assert collapse_diagnostics(collapsed, global_)["log_circular_variance"] == pytest.approx(math.log(1e-6))
+    assert collapse_diagnostics(orthogonal, global_)["log_circular_variance"] == pytest.approx(math.log(0.5))
+    assert collapse_diagnostics(opposed, global_)["log_circular_variance"] == pytest.approx(0.0, abs=1e-12)
+    # two elements at angle theta: R = cos(theta / 2); a nearly collapsed set is very negative but finite
+    theta = torch.tensor(0.01, dtype=torch.float64)
+    pair = torch.stack([torch.tensor([1.0, 0.0]), torch.stack([theta.cos(), theta.sin()]).float()]).unsqueeze(0)
+    expected = math.log(1 - math.cos(0.005))
+    assert collapse_diagnostics(pair, pair[:, 0])["log_circular_variance"] == pytest.approx(expected, rel=1e-3)
+    assert expected < -10
+    # the mean is over the per-set logs (a geometric mean of 1 - R), not the log of the mean
+    mixed = torch.cat([orthogonal[:1], opposed[:1]])
+    assert collapse_diagnostics(mixed, global_[:2])["log_circular_variance"] == pytest.approx(math.log(0.5) / 2)
 
 
 def test_overrides_and_flags_separate_in_any_order():

@@ -192,3 +192,55 @@ def test_training_forward_and_backward_read_no_value_on_the_host(image, text):
     image_set, caption_set = model(move_to(tiny_batch(), "meta"))
     (image_set.sets.sum() + caption_set.sets.sum()).backward()
     assert image_set.sets.shape == (2, K, D) and caption_set.sets.shape == (2, K, D)
+
+
+def test_gru_packed_with_the_collated_caption_order_matches_unsorted_packing():
+    """The GRU packs with caption_order from the collate step (nothing uploaded) and returns its
+    outputs in the input order, exactly as torch's own sorting (enforce_sorted=False) does."""
+    from data import collate_batch
+    torch.manual_seed(0)
+    model = build_model(tiny_config("precomputed", "gru"), VOCAB).eval()
+    captions = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19, 20, 21], [22]]
+    items = [{"regions": torch.randn(3, 24), "index": i, "captions": captions[i:i + 1]} for i in range(5)]
+    batch = collate_batch(items, pad_id=0)
+    assert batch["caption_order"].tolist() == [1, 3, 0, 2, 4]
+    with torch.no_grad():
+        ordered = model.text_encoder(batch["tokens"], batch["lengths"], caption_order=batch["caption_order"])
+        unsorted = model.text_encoder(batch["tokens"], batch["lengths"])
+    for got, expected in zip(ordered, unsorted):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    first_alone = model.text_encoder(batch["tokens"][:1, :3], batch["lengths"][:1])[2]
+    torch.testing.assert_close(ordered[2][:1], first_alone, rtol=0, atol=1e-6)      # row 0 is caption 0
+
+
+@pytest.mark.parametrize("batchnorm, finetune, updated", [("batch", True, True), ("frozen", True, False),
+                                                          ("batch", False, False), ("sync", True, True)])
+def test_batchnorm_running_statistics_change_only_in_batch_mode_with_a_trained_backbone(batchnorm, finetune, updated):
+    """frozen, or finetune: false, keeps every BatchNorm layer on its running statistics through a
+    training step; frozen still trains the affine weights. sync in one process is batch."""
+    cfg = tiny_config("cnn", "gru")
+    cfg["model"]["image"].update(batchnorm=batchnorm, finetune=finetune)
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB).train()
+    layers = [m for m in model.image_encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = copy.deepcopy(model.image_encoder.backbone.state_dict())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    image_set, caption_set = model(tiny_batch())
+    (image_set.sets.sum() - caption_set.sets.sum()).backward()
+    optimizer.step()
+    after = model.image_encoder.backbone.state_dict()
+    statistics = [key for key in before if key.endswith(("running_mean", "running_var"))]
+    assert len(statistics) == 2 * len(layers) > 0
+    assert all(layer.training == updated for layer in layers)
+    assert all(not torch.equal(before[key], after[key]) for key in statistics) == updated
+    assert all(torch.equal(before[key], after[key]) for key in statistics) == (not updated)
+    affine_gradients = [layer.weight.grad for layer in layers]
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in affine_gradients) == finetune
+    assert all(grad is None for grad in affine_gradients) == (not finetune)
+
+
+def test_unknown_batchnorm_mode_is_named():
+    cfg = tiny_config("cnn", "gru")
+    cfg["model"]["image"]["batchnorm"] = "group"
+    with pytest.raises(ModelError, match="model.image.batchnorm='group'.*batch, frozen, sync"):
+        build_model(cfg, VOCAB)

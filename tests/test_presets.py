@@ -95,3 +95,19 @@ def test_preset_builds_and_trains_one_step_on_fake_data_of_the_right_shapes(pres
     text_width = {"gru": 300, "bert": 768}[cfg["model"]["text"]["type"]]
     assert checkpoint["model"]["image_encoder.projection.fc.weight"].shape == (1024, image_width)
     assert checkpoint["model"]["text_encoder.projection.fc.weight"].shape == (1024, text_width)
+
+
+def test_crowded_shapes_preset_generates_4_to_6_objects_captioned_1_or_2_at_a_time_in_its_own_folder(tmp_path):
+    from data import shapes_params
+    from shapes import generate_shapes
+    preset = os.path.join(REPO, "configs", "shapes_crowded.yaml")
+    cfg = config.load_config(preset)
+    default = config.load_config()
+    assert cfg["data"]["root"] != default["data"]["root"] and cfg["run"]["name"] != default["run"]["name"]
+    assert {k: v for k, v in cfg.items() if k not in ("data", "run")} == \
+        {k: v for k, v in default.items() if k not in ("data", "run")}        # model, loss, training: config.yaml's
+    params = {**shapes_params(cfg["data"]), "num_train": 40, "num_val": 10, "num_test": 10, "image_size": 16}
+    content = json.loads(generate_shapes(tmp_path / "crowded", **params).read_text())
+    assert {len(image["objects"]) for image in content["images"]} == {4, 5, 6}
+    named = [len(sentence["objects"]) for image in content["images"] for sentence in image["sentences"]]
+    assert set(named) == {1, 2}
