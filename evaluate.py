@@ -6,7 +6,10 @@
     python evaluate.py --ckpt best.pt --figures figs/   # also draw the sets (figures.py), figs/index.html
 
 Every test image and caption is encoded once as a set; the (N_img, N_cap) score matrix comes from
-`similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch).
+`similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch); for one
+model scored with max_pair or greedy, by default from `similarity.rank_preserving_scores`
+(eval.rank_bounds), which matches exactly only the pairs whose bounds could change a rank: the
+same metrics, far fewer matchings (ensembles average full matrices).
 i2t ranks the best-ranked of an image's ground-truth captions, t2i the caption's image; ties count
 against the ground truth (`retrieval_metrics`). `--out` writes the layout of test_metrics.json. MS-COCO
 prints "1K" (the mean of five folds of 1,000 images; RSUM = sum of the averaged recalls) and "5K".
@@ -24,11 +27,12 @@ from config import ConfigError, apply_overrides, checkpoint_config
 from data import DataError, build_loader, build_text_tokenizer, prepare_data
 from figures import FiguresError, check_figures_request, write_figures
 from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
-from similarity import score_matrix
+from similarity import rank_preserving_scores, score_matrix
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 PROTOCOLS = ("all", "1k")          # result keys that hold metrics; the others are 'collapse', 'method'...
 COCO_TEST_IMAGES, COCO_FOLD_IMAGES = 5000, 1000   # MS-COCO 5K test (val) split and its 1K folds
+RANK_BOUND_METHODS = ("max_pair", "greedy")         # eval.rank_bounds applies to these
 
 
 class DataMismatchError(Exception):
@@ -182,7 +186,7 @@ def evaluate_model(model, cfg, loader, device, method=None, options=None, progre
     """
     method, options = similarity_settings(cfg, method, options)
     scores, caption_to_image, collapse = score_split(model, cfg, loader, device, method, options, progress,
-                                                     encoded)
+                                                     encoded, ranks_only=True)
     results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
     results["collapse"] = collapse
     results["method"] = method
@@ -220,7 +224,7 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
             check_same_split(reference, (path, model_split, signature))
         encoded = encode_split(model, loader, device, cfg["train"]["amp"]) if draw else None
         scores, caption_to_image, collapse = score_split(model, cfg, loader, device, model_method, options,
-                                                         progress, encoded)
+                                                         progress, encoded, ranks_only=len(paths) == 1)
         results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
         per_model.append({"ckpt": path, "split": model_split, **results, "collapse": collapse,
                           "method": model_method})
@@ -250,14 +254,20 @@ def checkpoint_settings(checkpoint, path, overrides, method):
     return cfg, model_method, options
 
 
-def score_split(model, cfg, loader, device, method, options, progress=False, encoded=None):
+def score_split(model, cfg, loader, device, method, options, progress=False, encoded=None, ranks_only=False):
     """Encode the split once and score it: scores (N_img, N_cap), caption_to_image (N_cap,), and the
     collapse diagnostics {'image': ..., 'caption': ...}. The sets are freed on return unless the
-    caller passed them in as `encoded` (encode_split's output)."""
+    caller passed them in as `encoded` (encode_split's output). ranks_only=True (the caller only
+    ranks the matrix): with eval.rank_bounds, max_pair and greedy pairs that cannot change a rank
+    hold an upper bound instead of their score (similarity.rank_preserving_scores)."""
     image_sets, image_globals, caption_sets, caption_globals, caption_to_image = (
         encoded if encoded is not None else encode_split(model, loader, device, cfg["train"]["amp"]))
-    scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
-                          progress=progress, **options)
+    if ranks_only and cfg["eval"]["rank_bounds"] and method in RANK_BOUND_METHODS:
+        scores, _ = rank_preserving_scores(image_sets, caption_sets, caption_to_image, method=method,
+                                           chunk_size=cfg["eval"]["chunk_size"], progress=progress, **options)
+    else:
+        scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
+                              progress=progress, **options)
     collapse = {
         "image": collapse_diagnostics(image_sets, image_globals),
         "caption": collapse_diagnostics(caption_sets, caption_globals),

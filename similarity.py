@@ -14,15 +14,23 @@ C_ab = <v_a, t_b>. Methods (METHOD.md §2):
 For ``max_pair`` and ``greedy`` the assignment is found without gradient; the gradient reaches
 exactly the matched entries. Unequal set sizes match min(K_v, K_t) pairs.
 
-Exact assignment, all in plain torch: for small K every injective map rows -> columns is
-enumerated as ONE matrix product (cosine block flattened to K_v*K_t, times a 0/1 matrix with a
-column per permutation, then a max); for larger K a dynamic programme over subsets of columns
-(O(K 2^K) per problem) with the argmax kept for backtracking. Internally every problem batch is
-the LAST, contiguous dimension ("batch-last" layout (G, K_v, K_t, P)), so each step of either
-algorithm is a matrix product or a row copy + vector add/max over P problems.
+Exact assignment: for small K every injective map rows -> columns is enumerated as ONE matrix
+product (cosine block flattened to K_v*K_t, times a 0/1 matrix with a column per permutation,
+then a max); up to K = 9 a dynamic programme over subsets of columns (O(K 2^K) per problem) with
+the argmax kept for backtracking, both in plain torch; above that scipy's linear_sum_assignment
+(Hungarian / Jonker-Volgenant, O(K^3), one call per block), imported only then. Without scipy the
+subset DP serves up to K = 16 and larger blocks raise ImportError saying what to install.
+Internally every problem batch is the LAST, contiguous dimension ("batch-last" layout
+(G, K_v, K_t, P)), so each step of the torch algorithms is a matrix product or a row copy +
+vector add/max over P problems.
 
-Public: METHODS, pairwise_similarity, score_matrix, max_pair_assignment, greedy_assignment.
-Imports only torch (and the standard library).
+Exact RANKS for less: rank_preserving_scores stores, for a pair whose upper bound (mean of the
+row maxima of its block, also of the column maxima when square) lies below both scores that
+decide its ranks, that bound instead of its exact score; only the other pairs are matched
+(METHOD.md §5).
+
+Public: METHODS, pairwise_similarity, score_matrix, rank_preserving_scores, max_pair_assignment,
+greedy_assignment. Imports only torch (and the standard library; scipy lazily, see above).
 """
 import functools
 import itertools
@@ -48,6 +56,14 @@ METHOD_OPTIONS = {
 # permutation product wins the score (value only) up to K = 4 and the assignment up to K = 5.
 PERMUTATION_MAX_K_SCORE = 4
 PERMUTATION_MAX_K_ASSIGNMENT = 5
+
+# Above the permutation range: the subset DP while its table (sum over r of C(K_t, r) * r entries)
+# is no larger than at K_v = K_t = SUBSET_DP_MAX_K, scipy's linear_sum_assignment beyond. Measured
+# on 2 shared CPU cores (benchmarks/similarity_bench.py, part 1): the DP is ahead up to K = 9
+# (both about 3-6 us per block), scipy from K = 10 on (DP 16 us, 120 us at K = 12; scipy 5-8 us).
+# Without scipy the DP serves up to TORCH_ONLY_MAX_K (slow but exact; its table is built once).
+SUBSET_DP_MAX_K = 9
+TORCH_ONLY_MAX_K = 16
 
 # Memory bounds: score_matrix computes cosine chunks of at most CHUNK_BYTES; every reduction
 # works on slices whose temporaries stay near SCRATCH_BYTES: bounded at any K and batch size.
@@ -87,9 +103,7 @@ def score_matrix(images, captions, method="max_pair", chunk_size=256, progress=F
     n_img, k_v, dim = images.shape
     n_cap, k_t, _ = captions.shape
     chunk_size = max(1, int(chunk_size))
-    element_size = images.element_size()
-    caption_chunk = max(1, CHUNK_BYTES // (element_size * min(chunk_size, n_img) * k_v * k_t))
-    caption_chunk = min(caption_chunk, n_cap)
+    caption_chunk = _caption_chunk(images, chunk_size, k_t, n_cap)
     scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
     cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)  # reused: no page faults
     total = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size)
@@ -113,6 +127,76 @@ def score_matrix(images, captions, method="max_pair", chunk_size=256, progress=F
             print(file=sys.stderr)
     _check_finite(scores, "similarity scores")
     return scores
+
+
+def rank_preserving_scores(images, captions, caption_to_image, method="max_pair", chunk_size=256,
+                           progress=False, **options):
+    """A score matrix that ranks exactly like score_matrix's, with most pairs never matched.
+
+    Retrieval ranks (METHOD.md §5) compare each entry (i, j) with two thresholds only: its row's
+    (image i's best ground-truth caption score) and its column's (caption j's own-image score).
+    Every assignment's mean is at most the mean of the block's row maxima (and, for square
+    blocks, of its column maxima). A non-ground-truth pair whose bound lies below BOTH thresholds
+    by more than a rounding slack stores that bound: it stays strictly below both, as its exact
+    score does, so it counts the same under either tie rule. Every other pair, ground truth
+    included, gets the exact score that score_matrix computes from the same cosine chunk.
+
+    images (N_img, K_v, D), captions (N_cap, K_t, D); caption_to_image (N_cap,) the image index
+    of every caption; method max_pair or greedy (with their options; `score="exp"` is monotone in
+    each matched cosine, so the bound carries over). Returns (scores (N_img, N_cap), the fraction
+    of pairs scored exactly). Only ranks are exact: use score_matrix where the values matter.
+    """
+    if method not in ("max_pair", "greedy"):
+        raise ValueError(f"rank_preserving_scores bounds max_pair and greedy only, got {method!r}")
+    options = _resolve_options(method, options)
+    _check_sets(images, captions)
+    n_img, k_v, dim = images.shape
+    n_cap, k_t, _ = captions.shape
+    owners = torch.as_tensor(caption_to_image).to(images.device, torch.long)
+    if owners.shape != (n_cap,) or (n_cap and not 0 <= int(owners.min()) <= int(owners.max()) < n_img):
+        raise ValueError(f"caption_to_image must be ({n_cap},) image indices in [0, {n_img})")
+    k_min = min(k_v, k_t)
+    with torch.no_grad():
+        # Thresholds from a separate pass over the ground-truth pairs: they may differ from the
+        # chunks' values by rounding, which the slack absorbs. Cuts are in units of matched sums.
+        column_threshold = _ground_truth_scores(images, captions, owners, method, options)  # (N_cap,)
+        row_threshold = column_threshold.new_full((n_img,), -math.inf).scatter_reduce(
+            0, owners, column_threshold, reduce="amax")  # (N_img,)
+        slack = _rounding_slack(images, captions, options["score"])
+        row_cut, column_cut = (k_min * (t - slack) for t in (row_threshold, column_threshold))
+        chunk_size = max(1, int(chunk_size))
+        caption_chunk = _caption_chunk(images, chunk_size, k_t, n_cap)  # the chunks of score_matrix
+        scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
+        cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)
+        pending = _PendingExactScores(scores, method, options)
+        total, done = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size), 0
+        for c0 in range(0, n_cap, caption_chunk):
+            c1 = min(n_cap, c0 + caption_chunk)
+            caption_rows = captions[c0:c1].transpose(0, 1).reshape(k_t * (c1 - c0), dim)  # (K_t*m, D)
+            ground_truth = _ground_truth_by_image_chunk(owners[c0:c1], chunk_size)
+            for i0 in range(0, n_img, chunk_size):
+                i1 = min(n_img, i0 + chunk_size)
+                image_rows = images[i0:i1].reshape((i1 - i0) * k_v, dim)  # (n*K_v, D)
+                cos = cos_buffer[: (i1 - i0) * k_v * k_t * (c1 - c0)].view((i1 - i0) * k_v, k_t * (c1 - c0))
+                torch.matmul(image_rows, caption_rows.T, out=cos)
+                cos = cos.view(i1 - i0, k_v, k_t, c1 - c0)  # (n, K_v, K_t, m)
+                bound = _upper_bound_sums(cos, options["score"])  # (n, m)
+                undecided = bound >= torch.minimum(row_cut[i0:i1, None], column_cut[None, c0:c1])  # (n, m)
+                if i0 // chunk_size in ground_truth:  # ground-truth pairs: always exact
+                    gt_rows, gt_cols = ground_truth[i0 // chunk_size]
+                    undecided[gt_rows - i0, gt_cols] = True
+                torch.div(bound, k_min, out=scores[i0:i1, c0:c1])
+                rows, cols = undecided.nonzero().unbind(1)  # (u,), (u,)
+                if rows.numel():
+                    pending.add(rows + i0, cols + c0, cos[rows, :, :, cols])  # (u, K_v, K_t)
+                done += 1
+                if progress:
+                    print(f"\rrank_preserving_scores {method}: chunk {done}/{total}", end="", file=sys.stderr)
+        pending.flush()
+        if progress:
+            print(file=sys.stderr)
+    _check_finite(scores, "similarity scores")
+    return scores, pending.count / max(1, n_img * n_cap)
 
 
 def max_pair_assignment(cos):
@@ -275,6 +359,9 @@ def _uses_permutations(k_v, k_t, assignment):
 def _max_pair_value_batch_last(cos):
     """Maximum assignment SUM of every block: (G, K_v, K_t, P), K_v <= K_t -> (G, P)."""
     groups, k_v, k_t, problems = cos.shape
+    if not _uses_permutations(k_v, k_t, assignment=False) and not _uses_subset_dp(k_v, k_t):
+        columns = _scipy_assignment_batch_last(cos)  # (G, P, K_v)
+        return cos.gather(2, columns.permute(0, 2, 1).unsqueeze(2)).squeeze(2).sum(1)
     out = cos.new_empty(groups, problems)
     if _uses_permutations(k_v, k_t, assignment=False):
         maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
@@ -293,6 +380,8 @@ def _max_pair_assignment_batch_last(cos, out=None):
     """Exact assignment of every block: (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v)
     (written into out if given)."""
     groups, k_v, k_t, problems = cos.shape
+    if not _uses_permutations(k_v, k_t, assignment=True) and not _uses_subset_dp(k_v, k_t):
+        return _scipy_assignment_batch_last(cos, out)
     columns = out if out is not None else cos.new_empty(groups, problems, k_v, dtype=torch.long)
     if _uses_permutations(k_v, k_t, assignment=True):
         maps = _injective_map_matrix(k_v, k_t, cos.device, cos.dtype)  # (M, K_v*K_t)
@@ -416,3 +505,146 @@ def _greedy_assignment_batch_last(cos, out=None):
             col_penalty.view(k_t, n).scatter_(0, col.unsqueeze(0), -math.inf)
         columns[g, p] = slice_columns.view(columns[g, p].shape)
     return columns
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: exact assignment above the subset-DP range (scipy, imported lazily)
+# ----------------------------------------------------------------------------------------------
+
+
+def _uses_subset_dp(k_v, k_t):
+    """Whether blocks K_v x K_t (K_v <= K_t) are matched by the subset DP rather than scipy:
+    by the DP's table size (rectangular blocks included), and beyond the measured crossover only
+    when scipy is missing. Raises ImportError when neither can serve."""
+    size = _subset_dp_size(k_v, k_t)
+    if size <= _subset_dp_size(SUBSET_DP_MAX_K, SUBSET_DP_MAX_K):
+        return True
+    if _scipy_linear_sum_assignment() is not None:
+        return False
+    if size <= _subset_dp_size(TORCH_ONLY_MAX_K, TORCH_ONLY_MAX_K):
+        return True
+    raise ImportError(
+        f"exact max_pair matching of {k_v} x {k_t} cosine blocks needs scipy (pip install scipy); "
+        f"without it similarity.py matches exactly only up to {TORCH_ONLY_MAX_K} x {TORCH_ONLY_MAX_K}"
+    )
+
+
+def _subset_dp_size(k_v, k_t):
+    """Entries of the subset DP's tables for K_v x K_t blocks: sum over r <= K_v of C(K_t, r) * r."""
+    return sum(math.comb(k_t, r) * r for r in range(1, k_v + 1))
+
+
+def _scipy_linear_sum_assignment():
+    """scipy.optimize.linear_sum_assignment, or None when scipy is not installed."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        return None
+    return linear_sum_assignment
+
+
+def _scipy_assignment_batch_last(cos, out=None):
+    """Exact assignment of every block with scipy (one call per block, in float64 on the CPU):
+    (G, K_v, K_t, P), K_v <= K_t -> columns (G, P, K_v) (written into out if given)."""
+    linear_sum_assignment = _scipy_linear_sum_assignment()
+    groups, k_v, k_t, problems = cos.shape
+    blocks = cos.permute(0, 3, 1, 2).to("cpu", torch.float64).numpy()  # (G, P, K_v, K_t)
+    found = torch.empty(groups, problems, k_v, dtype=torch.long)
+    found_view = found.numpy()  # shares memory: scipy's answers land in the tensor
+    for g in range(groups):
+        for p in range(problems):
+            found_view[g, p] = linear_sum_assignment(blocks[g, p], maximize=True)[1]  # rows come sorted
+    columns = found.to(cos.device)
+    if out is None:
+        return columns
+    out.copy_(columns)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: rank_preserving_scores
+# ----------------------------------------------------------------------------------------------
+
+
+def _caption_chunk(images, chunk_size, k_t, n_cap):
+    """Caption sets per cosine chunk: a (chunk_size, K_v, K_t, m) chunk stays under CHUNK_BYTES."""
+    n_img, k_v, _ = images.shape
+    caption_chunk = max(1, CHUNK_BYTES // (images.element_size() * min(chunk_size, n_img) * k_v * k_t))
+    return min(caption_chunk, n_cap)
+
+
+def _upper_bound_sums(cos, score):
+    """Upper bound of every assignment's matched SUM of the batch-last blocks (n, K_v, K_t, m) ->
+    (n, m): the sum of the maxima of the smaller side's rows (each is matched once; both sides,
+    and the smaller bound, when square), through expm1 for score="exp"."""
+    k_v, k_t = cos.shape[1:3]
+    transform = torch.expm1 if score == "exp" else (lambda x: x)
+    bounds = []
+    if k_v <= k_t:
+        bounds.append(transform(cos.amax(2)).sum(1))  # rows matched once each
+    if k_t <= k_v:
+        bounds.append(transform(cos.amax(1)).sum(1))  # columns matched once each
+    return bounds[0] if len(bounds) == 1 else torch.minimum(*bounds)
+
+
+def _ground_truth_by_image_chunk(owners, chunk_size):
+    """{image chunk index: (image indices, caption positions in this caption chunk)} of the
+    ground-truth pairs of one caption chunk, owners (m,)."""
+    chunk_of = owners // chunk_size  # (m,)
+    order = chunk_of.argsort()
+    counts = torch.bincount(chunk_of).tolist()
+    groups, start = {}, 0
+    for index, count in enumerate(counts):
+        if count:
+            positions = order[start:start + count]
+            groups[index] = (owners[positions], positions)
+        start += count
+    return groups
+
+
+class _PendingExactScores:
+    """Blocks still to be matched exactly, batched across chunks (fewer, larger reductions) and
+    written into scores when about SCRATCH_BYTES * 16 of them are waiting, or at flush()."""
+
+    def __init__(self, scores, method, options):
+        self.scores, self.method, self.options = scores, method, options
+        self.rows, self.cols, self.blocks, self.bytes, self.count = [], [], [], 0, 0
+
+    def add(self, rows, cols, blocks):
+        self.rows.append(rows)
+        self.cols.append(cols)
+        self.blocks.append(blocks)
+        self.bytes += blocks.numel() * blocks.element_size()
+        self.count += rows.numel()
+        if self.bytes >= 16 * SCRATCH_BYTES:
+            self.flush()
+
+    def flush(self):
+        if not self.rows:
+            return
+        blocks = torch.cat(self.blocks).permute(1, 2, 0).unsqueeze(0)  # (1, K_v, K_t, u)
+        values = _reduce_blocks(blocks, self.method, self.options, value_only=True)[0]  # (u,)
+        self.scores[torch.cat(self.rows), torch.cat(self.cols)] = values
+        self.rows, self.cols, self.blocks, self.bytes = [], [], [], 0
+
+
+def _ground_truth_scores(images, captions, owners, method, options):
+    """The exact score of every caption with its own image: (N_cap,), in pieces of bounded memory."""
+    n_cap, k_t, dim = captions.shape
+    k_v = images.shape[1]
+    piece = max(1, CHUNK_BYTES // (images.element_size() * (k_v + k_t) * dim))
+    scores = captions.new_empty(n_cap)
+    for j0 in range(0, n_cap, piece):
+        j1 = min(n_cap, j0 + piece)
+        cos = torch.bmm(images[owners[j0:j1]], captions[j0:j1].transpose(1, 2))  # (p, K_v, K_t)
+        scores[j0:j1] = _reduce_blocks(cos.permute(1, 2, 0).unsqueeze(0), method, options, value_only=True)[0]
+    return scores
+
+
+def _rounding_slack(images, captions, score):
+    """How far apart two float computations of one score (in different summation orders, from
+    different matrix products) can plausibly be: a relative 1e-5 (at least 64 units of the dtype's
+    rounding) of the largest possible matched term."""
+    largest_cos = (images.norm(dim=-1).max() * captions.norm(dim=-1).max()).item() if images.numel() else 1.0
+    term = math.expm1(min(largest_cos, 80.0)) if score == "exp" else largest_cos
+    return max(1e-5, 64 * torch.finfo(images.dtype).eps) * max(1.0, term)

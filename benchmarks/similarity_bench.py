@@ -2,17 +2,26 @@
 measured in the same run with the same thread count.
 
 1. Exact max_pair assignment problems/s for K = 4..8 on random K x K blocks, beside greedy and a
-   scipy linear_sum_assignment loop (one call per block); ratio to scipy.
+   scipy linear_sum_assignment loop (one call per block); ratio to scipy. Then K = 16, 24, 32
+   (--large-problems blocks), where max_pair itself calls scipy, and the subset DP at K = 16
+   (what runs without scipy).
 2. COCO-5K-scale scoring (5,000 image sets x 25,000 caption sets, D = 1024; --scale shrinks both)
    with score_matrix for max_pair, greedy and smooth_chamfer at K = 4 and max_pair at K = 8,
    against the floor: the same chunked pipeline computing only the cosine blocks and their max
    (that is method `mil`). Ratio to the floor of the same K.
 3. One training step, B = 128 images x 5 captions, K = 4, D = 1024: forward + backward through
    pairwise_similarity + triplet loss, per method; ratio to smooth_chamfer.
+4. Evaluation ranking at COCO-5K scale (5,000 images x 25,000 captions, 5 per image, D = 1024,
+   K = 4 and 8): rank_preserving_scores (exact ranks, exact matching only where the bounds cannot
+   decide) and score_matrix (every pair exact), against the bare product: the same chunks, one
+   matrix multiply each, no reduction. On "trained-like" sets (captions are noisy copies of their
+   image's elements, drawn from a shared bank of concepts, so images share elements) and on random
+   sets; the rate column gives the fraction of pairs that needed the exact matching.
 
     python benchmarks/similarity_bench.py                  # full run (several minutes on 2 cores)
     python benchmarks/similarity_bench.py --scale 0.1      # quick look
     python benchmarks/similarity_bench.py --device cuda
+    python benchmarks/similarity_bench.py --parts 4        # evaluation ranking only
 """
 import argparse
 import os
@@ -38,7 +47,11 @@ def main():
     parser.add_argument("--train-repeats", type=int, default=15, help="timed training steps per method")
     parser.add_argument("--algorithms", action="store_true",
                         help="part 1: also time both exact algorithms (permutations, subset DP) at every K")
-    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
+    parser.add_argument("--parts", default="1234", help="which parts to run, e.g. 13")
+    parser.add_argument("--rank-repeats", type=int, default=2, help="part 4: best of this many interleaved runs")
+    parser.add_argument("--skip-random", action="store_true", help="part 4: trained-like sets only")
+    parser.add_argument("--skip-full", action="store_true", help="part 4: skip score_matrix (every pair exact)")
+    parser.add_argument("--large-problems", type=int, default=20000, help="blocks per K in part 1 at K = 16, 24, 32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -53,6 +66,8 @@ def main():
         bench_scoring(args, device)
     if "3" in args.parts:
         bench_training(args, device)
+    if "4" in args.parts:
+        bench_ranking(args, device)
     print(f"# load average after {os.getloadavg()[0]:.2f} (other processes share these cores: compare ratios)")
 
 
@@ -105,6 +120,119 @@ def bench_assignment(args, device):
         print_row(row(1, "scipy linear_sum_assignment loop", k, t_scipy * args.problems / len(on_cpu),
                       f"{scipy_rate / 1e6:.2f} M/s", 1.0, "scipy"))
         del blocks
+    for k in (16, 24, 32):  # above the subset-DP range: max_pair calls scipy per block
+        progress(f"part 1, K={k}")
+        g = torch.Generator().manual_seed(k)
+        blocks = (torch.rand(args.large_problems, k, k, generator=g) * 2 - 1).to(device)  # (P, K, K)
+        similarity.max_pair_assignment(blocks[:100])  # warm-up
+        on_cpu = blocks[: args.scipy_problems].cpu().numpy()
+        t_scipy = timed(lambda: [linear_sum_assignment(b, maximize=True) for b in on_cpu], device, args.repeats)
+        scipy_rate = len(on_cpu) / t_scipy
+        cases = [("max_pair exact (scipy, per block)", blocks, lambda b: similarity.max_pair_assignment(b)),
+                 ("greedy", blocks, lambda b: similarity.greedy_assignment(b))]
+        if k == 16:  # the torch-only fallback without scipy, on fewer blocks
+            assign_with_dp_up_to(blocks[:10], 16)  # warm-up: builds its tables once (seconds)
+            cases.insert(1, ("  via subset DP (without scipy)", blocks[:500], lambda b: assign_with_dp_up_to(b, 16)))
+        for label, some, fn in cases:
+            seconds = timed(lambda: fn(some), device, repeats=args.repeats)
+            rate = len(some) / seconds
+            print_row(row(1, label, k, seconds * len(blocks) / len(some), f"{rate / 1e3:.1f} k/s", rate / scipy_rate,
+                          "scipy"))
+        print_row(row(1, "scipy linear_sum_assignment loop", k, t_scipy * len(blocks) / len(on_cpu),
+                      f"{scipy_rate / 1e3:.1f} k/s", 1.0, "scipy"))
+        del blocks
+
+
+def bench_ranking(args, device):
+    import evaluate
+
+    n_img, per_image, dim = max(1, round(5000 * args.scale)), 5, 1024
+    owners = torch.arange(n_img).repeat_interleave(per_image).to(device)  # caption -> image
+    for k in (4, 8):
+        sets = {kind: tuple(t.to(device) for t in make(n_img, per_image, k, dim, seed=k))
+                for kind, make in (("trained-like", trained_like_sets), ("random", random_sets))
+                if kind == "trained-like" or not args.skip_random}
+        images, captions = sets["trained-like"]
+        cases = {"bare": lambda: bare_product(images, captions)}
+        found = {}
+        for kind, (kind_images, kind_captions) in sets.items():
+            def rank(kind=kind, kind_images=kind_images, kind_captions=kind_captions):
+                found[kind] = similarity.rank_preserving_scores(kind_images, kind_captions, owners)
+            cases[kind] = rank
+        if not args.skip_full:
+            cases["full"] = lambda: similarity.score_matrix(images, captions, "max_pair")
+        for name, fn in cases.items():  # warm-up on a corner
+            progress(f"part 4, K={k}, warm-up {name}")
+            similarity.rank_preserving_scores(images[:64], captions[:320], owners[:320])
+            bare_product(images[:64], captions[:2048])
+        best = {name: float("inf") for name in cases}
+        for repeat in range(args.rank_repeats):  # interleaved: background load hits every case alike
+            for name, fn in cases.items():
+                progress(f"part 4, K={k}, {name}, {n_img} x {n_img * per_image}, round {repeat + 1}")
+                best[name] = min(best[name], timed(fn, device))
+        floor = best["bare"]
+        print_row(row(4, f"bare product {n_img}x{n_img * per_image}", k, floor, "", 1.0, "product"))
+        target = {4: ("<= 1.15x product", 1.15), 8: ("<= 1.5x product", 1.5)}[k]
+        for kind in sets:
+            scores, fraction = found[kind]
+            metrics = evaluate.retrieval_metrics(scores, owners)
+            rate = f"{100 * fraction:.2f}% exact, R@1 {metrics['i2t_r1']:.0f}/{metrics['t2i_r1']:.0f}"
+            print_row(row(4, f"max_pair ranks, {kind} sets", k, best[kind], rate, best[kind] / floor, "product",
+                          *(target if kind == "trained-like" else ("", None))))
+        if "full" in best:
+            print_row(row(4, "max_pair score_matrix (every pair exact)", k, best["full"], "100% exact",
+                          best["full"] / floor, "product"))
+        del sets, images, captions, found
+
+
+def bare_product(images, captions, chunk_size=256):
+    """score_matrix's chunk loop with only its matrix multiply: the price of the cosines."""
+    n_img, k_v, dim = images.shape
+    n_cap, k_t, _ = captions.shape
+    caption_chunk = similarity._caption_chunk(images, chunk_size, k_t, n_cap)
+    cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)
+    for c0 in range(0, n_cap, caption_chunk):
+        c1 = min(n_cap, c0 + caption_chunk)
+        caption_rows = captions[c0:c1].transpose(0, 1).reshape(k_t * (c1 - c0), dim)
+        for i0 in range(0, n_img, chunk_size):
+            i1 = min(n_img, i0 + chunk_size)
+            cos = cos_buffer[: (i1 - i0) * k_v * k_t * (c1 - c0)].view((i1 - i0) * k_v, k_t * (c1 - c0))
+            torch.matmul(images[i0:i1].reshape((i1 - i0) * k_v, dim), caption_rows.T, out=cos)
+
+
+def trained_like_sets(n_img, per_image, k, dim, seed, concepts=200, noise=1.5, described=0.5):
+    """Set embeddings with a trained model's structure: every image element is a concept from a
+    shared bank plus its own noise; every caption element is, with probability `described`, one
+    of its image's concepts (shuffled) with fresh noise, else an unrelated concept. Images that
+    share concepts are the hard negatives. Part 4 prints their R@1 (i2t/t2i) beside the timing."""
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(concepts, dim, generator=g), dim=-1)
+    image_concepts = torch.randint(concepts, (n_img, k), generator=g)  # (N_img, K)
+    order = torch.rand(n_img * per_image, k, generator=g).argsort(1)  # (N_cap, K) shuffled elements
+    caption_concepts = image_concepts.repeat_interleave(per_image, 0).gather(1, order)
+    unrelated = torch.rand(n_img * per_image, k, generator=g) > described
+    caption_concepts[unrelated] = torch.randint(concepts, (int(unrelated.sum()),), generator=g)
+
+    def embed(ids):  # (N, K) concept ids -> (N, K, D) unit elements
+        return F.normalize(bank[ids] + noise * F.normalize(torch.randn(*ids.shape, dim, generator=g), dim=-1), dim=-1)
+
+    return embed(image_concepts), embed(caption_concepts)
+
+
+def random_sets(n_img, per_image, k, dim, seed):
+    g = torch.Generator().manual_seed(seed + 100)
+    return (F.normalize(torch.randn(n_img, k, dim, generator=g), dim=-1),
+            F.normalize(torch.randn(n_img * per_image, k, dim, generator=g), dim=-1))
+
+
+def assign_with_dp_up_to(blocks, k):
+    """max_pair_assignment with the subset DP up to K = k (as without scipy)."""
+    saved = similarity.SUBSET_DP_MAX_K
+    similarity.SUBSET_DP_MAX_K = k
+    try:
+        return similarity.max_pair_assignment(blocks)
+    finally:
+        similarity.SUBSET_DP_MAX_K = saved
 
 
 def assign_with_limit(blocks, limit):
@@ -171,7 +299,7 @@ def row(part, case, k, seconds, rate, ratio, ratio_to, target="", limit=None):
 
 
 HEADER = ["part", "case", "K", "seconds", "rate", "ratio", "target", "met"]
-WIDTHS = [4, 45, 1, 8, 16, 20, 23, 3]
+WIDTHS = [4, 45, 1, 8, 24, 20, 23, 3]
 
 
 def print_row(cells):

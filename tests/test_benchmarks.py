@@ -159,3 +159,15 @@ def test_the_matching_grid_holds_every_matching_with_all_losses_and_with_div_mmd
         (method, regularisers) for method in ("max_pair", "smooth_chamfer", "mil") for regularisers in ("all", "div+mmd")}
     assert ablation.GRID_DATASETS["matching"] == ["default", "crowded"] and len(ablation.GRID_SEEDS["matching"]) == 8
     assert 0 not in ablation.GRID_SEEDS["matching"]          # the seed the loss weights were tuned with
+
+
+def test_similarity_bench_ranking_part_prints_every_row_with_the_exact_fraction():
+    result = run_script(["benchmarks/similarity_bench.py", "--parts", "4", "--scale", "0.002", "--threads", "1",
+                         "--rank-repeats", "1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 4 ")]
+    assert len(rows) == 8  # per K: bare product, trained-like, random, every pair exact
+    for line in rows:
+        if "max_pair ranks" in line:
+            exact = float(line.split("|")[5].split("%")[0])
+            assert 0 < exact <= 100

@@ -234,7 +234,7 @@ def test_a_coco_sized_split_adds_the_five_fold_protocol_and_keeps_all(monkeypatc
     unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=generator), dim=-1)  # noqa: E731
     encoded = (unit(10, 2, 8), unit(10, 8), unit(50, 2, 8), unit(50, 8), torch.arange(10).repeat_interleave(5))
     monkeypatch.setattr(evaluate, "encode_split", lambda *args: encoded)
-    cfg = {"eval": {"method": None, "similarity_options": None, "chunk_size": 4},
+    cfg = {"eval": {"method": None, "similarity_options": None, "chunk_size": 4, "rank_bounds": True},
            "loss": {"similarity": "max_pair", "similarity_options": {}},
            "train": {"amp": "off"}, "data": {"dataset": dataset}}
     results = evaluate.evaluate_model(None, cfg, None, "cpu")
@@ -253,7 +253,7 @@ def test_a_collapsed_model_scores_zero_recall_in_all_and_1k(monkeypatch):
     encoded = (element.expand(60, 2, 8), torch.eye(8)[0].expand(60, 8), element.expand(300, 2, 8),
                torch.eye(8)[0].expand(300, 8), torch.arange(60).repeat_interleave(5))
     monkeypatch.setattr(evaluate, "encode_split", lambda *args: encoded)
-    cfg = {"eval": {"method": None, "similarity_options": None, "chunk_size": 7},
+    cfg = {"eval": {"method": None, "similarity_options": None, "chunk_size": 7, "rank_bounds": True},
            "loss": {"similarity": "max_pair", "similarity_options": {}},
            "train": {"amp": "off"}, "data": {"dataset": "coco"}}
     results = evaluate.evaluate_model(None, cfg, None, "cpu")

@@ -1,6 +1,7 @@
 """Tests of similarity.py: exactness of max_pair (brute force, scipy), gradient rule, every other
 method against a naive loop, chunked score_matrix against pairwise_similarity, input checks."""
 import itertools
+import sys
 
 import pytest
 import torch
@@ -92,8 +93,9 @@ def test_max_pair_scores_equal_brute_force_mean(shape, kind, algorithm):
 
 
 @pytest.mark.parametrize("k", range(8, 17))
-def test_max_pair_equals_scipy_for_large_k(k, monkeypatch):
+def test_subset_dp_equals_scipy_up_to_the_torch_only_limit(k, monkeypatch):
     scipy_optimize = pytest.importorskip("scipy.optimize")
+    monkeypatch.setattr(similarity, "SUBSET_DP_MAX_K", 16)  # the DP even where scipy is faster
     monkeypatch.setattr(similarity, "SCRATCH_BYTES", 2**18)  # K >= 10: several DP slices
     blocks = make_blocks("random", 20 if k > 12 else 40, k, k, seed=k)
     columns = similarity.max_pair_assignment(blocks)
@@ -107,6 +109,62 @@ def test_max_pair_equals_scipy_for_large_k(k, monkeypatch):
                             dtype=torch.float64)
     evaluated = similarity.score_matrix(images, captions).diagonal()
     torch.testing.assert_close(evaluated, expected, rtol=0, atol=1e-12)
+
+
+def reference_best_sum(block):
+    """Optimal matched sum by scipy's sparse LAPJVsp solver (min_weight_full_bipartite_matching),
+    an implementation independent of the linear_sum_assignment that similarity.py calls."""
+    csgraph = pytest.importorskip("scipy.sparse.csgraph")
+    sparse = pytest.importorskip("scipy.sparse")
+    if block.shape[0] > block.shape[1]:
+        block = block.T
+    weights = (block.max() + 1 - block).numpy()  # positive costs: every entry stays an edge
+    rows, cols = csgraph.min_weight_full_bipartite_matching(sparse.csr_matrix(weights))
+    return block[rows, cols].sum().item()
+
+
+@pytest.mark.parametrize("shape", [(17, 17), (24, 24), (32, 32), (64, 64), (20, 36), (36, 20)])
+def test_max_pair_above_the_dp_range_equals_an_independent_solver(shape):
+    pytest.importorskip("scipy.optimize")
+    count = 3 if shape == (64, 64) else 6
+    for kind in ("random", "tied"):
+        blocks = make_blocks(kind, count, *shape, seed=sum(shape))
+        expected = torch.tensor([reference_best_sum(b) / min(shape) for b in blocks], dtype=torch.float64)
+        images, captions = blocks_as_sets(blocks)
+        torch.testing.assert_close(similarity.score_matrix(images, captions).diagonal(), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(similarity.pairwise_similarity(images, captions).diagonal(), expected,
+                                   rtol=0, atol=1e-12)
+        wide = blocks if shape[0] <= shape[1] else blocks.transpose(1, 2)
+        columns = similarity.max_pair_assignment(wide)
+        for block, cols in zip(wide, columns):
+            assert len(set(cols.tolist())) == min(shape)
+        sums = torch.stack([b[torch.arange(min(shape)), c].sum() for b, c in zip(wide, columns)])
+        torch.testing.assert_close(sums / min(shape), expected, rtol=0, atol=1e-12)
+
+
+def test_max_pair_recovers_a_planted_matching_at_k_64():
+    k = 64
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))
+    blocks = make_blocks("random", 2, k, k, seed=3) * 0.1 + torch.eye(k, dtype=torch.float64)[perm]
+    assert torch.equal(similarity.max_pair_assignment(blocks), perm.expand(2, k))
+
+
+def test_without_scipy_the_dp_serves_up_to_16_and_larger_blocks_name_the_package(monkeypatch):
+    blocks = make_blocks("random", 3, 12, 12, seed=12)
+    expected = torch.tensor([reference_best_sum(b) / 12 for b in blocks], dtype=torch.float64)
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # `from scipy.optimize import ...` fails
+    images, captions = blocks_as_sets(blocks)
+    torch.testing.assert_close(similarity.score_matrix(images, captions).diagonal(), expected, rtol=0, atol=1e-12)
+    large = make_blocks("random", 2, 17, 17)
+    with pytest.raises(ImportError, match=r"17 x 17.*pip install scipy"):
+        similarity.max_pair_assignment(large)
+    thin = make_blocks("random", 2, 3, 40)  # a small DP table although K_t = 40
+    images, captions = blocks_as_sets(thin)
+    torch.testing.assert_close(similarity.pairwise_similarity(images, captions).diagonal(),
+                               torch.tensor([brute_force_best_sum(b) / 3 for b in thin], dtype=torch.float64))
+    images, captions = blocks_as_sets(make_blocks("random", 2, 10, 40))
+    with pytest.raises(ImportError, match=r"10 x 40.*pip install scipy"):
+        similarity.pairwise_similarity(images, captions)
 
 
 def test_max_pair_float32_value_matches_float64_optimum(algorithm):
@@ -163,9 +221,9 @@ def naive_greedy_sum(block):
     return total / count
 
 
-@pytest.mark.parametrize("k", [2, 4, 6, 9])
+@pytest.mark.parametrize("k", [2, 4, 6, 9, 24])
 def test_greedy_never_beats_exact_and_matches_naive_greedy(k):
-    blocks = make_blocks("random", 30, k, k, seed=k)
+    blocks = make_blocks("random", 30 if k < 10 else 4, k, k, seed=k)
     images, captions = blocks_as_sets(blocks)
     greedy = similarity.pairwise_similarity(images, captions, "greedy").diagonal()
     exact = similarity.pairwise_similarity(images, captions, "max_pair").diagonal()
