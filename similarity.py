@@ -100,31 +100,11 @@ def score_matrix(images, captions, method="max_pair", chunk_size=256, progress=F
     """
     options = _resolve_options(method, options)
     _check_sets(images, captions)
-    n_img, k_v, dim = images.shape
-    n_cap, k_t, _ = captions.shape
-    chunk_size = max(1, int(chunk_size))
-    caption_chunk = _caption_chunk(images, chunk_size, k_t, n_cap)
-    scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
-    cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)  # reused: no page faults
-    total = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size)
-    done = 0
+    scores = images.new_empty(images.shape[0], captions.shape[0])  # (N_img, N_cap)
     with torch.no_grad():
-        for c0 in range(0, n_cap, caption_chunk):
-            c1 = min(n_cap, c0 + caption_chunk)
-            # Caption elements ordered (K_t, m): a cosine chunk comes out batch-last.
-            caption_rows = captions[c0:c1].transpose(0, 1).reshape(k_t * (c1 - c0), dim)  # (K_t*m, D)
-            for i0 in range(0, n_img, chunk_size):
-                i1 = min(n_img, i0 + chunk_size)
-                image_rows = images[i0:i1].reshape((i1 - i0) * k_v, dim)  # (n*K_v, D)
-                cos = cos_buffer[: (i1 - i0) * k_v * k_t * (c1 - c0)].view((i1 - i0) * k_v, k_t * (c1 - c0))
-                torch.matmul(image_rows, caption_rows.T, out=cos)
-                cos = cos.view(i1 - i0, k_v, k_t, c1 - c0)  # (n, K_v, K_t, m)
-                scores[i0:i1, c0:c1] = _reduce_blocks(cos, method, options, value_only=True)
-                done += 1
-                if progress:
-                    print(f"\rscore_matrix {method}: chunk {done}/{total}", end="", file=sys.stderr)
-        if progress:
-            print(file=sys.stderr)
+        for i0, c0, cos in _cosine_chunks(images, captions, chunk_size, progress and f"score_matrix {method}"):
+            scores[i0:i0 + cos.shape[0], c0:c0 + cos.shape[3]] = _reduce_blocks(
+                cos, method, options, value_only=True)
     _check_finite(scores, "similarity scores")
     return scores
 
@@ -150,7 +130,7 @@ def rank_preserving_scores(images, captions, caption_to_image, method="max_pair"
         raise ValueError(f"rank_preserving_scores bounds max_pair and greedy only, got {method!r}")
     options = _resolve_options(method, options)
     _check_sets(images, captions)
-    n_img, k_v, dim = images.shape
+    n_img, k_v, _ = images.shape
     n_cap, k_t, _ = captions.shape
     owners = torch.as_tensor(caption_to_image).to(images.device, torch.long)
     if owners.shape != (n_cap,) or (n_cap and not 0 <= int(owners.min()) <= int(owners.max()) < n_img):
@@ -164,37 +144,25 @@ def rank_preserving_scores(images, captions, caption_to_image, method="max_pair"
             0, owners, column_threshold, reduce="amax")  # (N_img,)
         slack = _rounding_slack(images, captions, options["score"])
         row_cut, column_cut = (k_min * (t - slack) for t in (row_threshold, column_threshold))
-        chunk_size = max(1, int(chunk_size))
-        caption_chunk = _caption_chunk(images, chunk_size, k_t, n_cap)  # the chunks of score_matrix
+        chunk_size = max(1, int(chunk_size))  # the image chunks of _cosine_chunks
         scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
-        cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)
         pending = _PendingExactScores(scores, method, options)
-        total, done = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size), 0
-        for c0 in range(0, n_cap, caption_chunk):
-            c1 = min(n_cap, c0 + caption_chunk)
-            caption_rows = captions[c0:c1].transpose(0, 1).reshape(k_t * (c1 - c0), dim)  # (K_t*m, D)
-            ground_truth = _ground_truth_by_image_chunk(owners[c0:c1], chunk_size)
-            for i0 in range(0, n_img, chunk_size):
-                i1 = min(n_img, i0 + chunk_size)
-                image_rows = images[i0:i1].reshape((i1 - i0) * k_v, dim)  # (n*K_v, D)
-                cos = cos_buffer[: (i1 - i0) * k_v * k_t * (c1 - c0)].view((i1 - i0) * k_v, k_t * (c1 - c0))
-                torch.matmul(image_rows, caption_rows.T, out=cos)
-                cos = cos.view(i1 - i0, k_v, k_t, c1 - c0)  # (n, K_v, K_t, m)
-                bound = _upper_bound_sums(cos, options["score"])  # (n, m)
-                undecided = bound >= torch.minimum(row_cut[i0:i1, None], column_cut[None, c0:c1])  # (n, m)
-                if i0 // chunk_size in ground_truth:  # ground-truth pairs: always exact
-                    gt_rows, gt_cols = ground_truth[i0 // chunk_size]
-                    undecided[gt_rows - i0, gt_cols] = True
-                torch.div(bound, k_min, out=scores[i0:i1, c0:c1])
-                rows, cols = undecided.nonzero().unbind(1)  # (u,), (u,)
-                if rows.numel():
-                    pending.add(rows + i0, cols + c0, cos[rows, :, :, cols])  # (u, K_v, K_t)
-                done += 1
-                if progress:
-                    print(f"\rrank_preserving_scores {method}: chunk {done}/{total}", end="", file=sys.stderr)
+        ground_truth_c0 = None
+        for i0, c0, cos in _cosine_chunks(images, captions, chunk_size,
+                                          progress and f"rank_preserving_scores {method}"):
+            i1, c1 = i0 + cos.shape[0], c0 + cos.shape[3]
+            if c0 != ground_truth_c0:  # a new caption chunk: its ground-truth pairs by image chunk
+                ground_truth, ground_truth_c0 = _ground_truth_by_image_chunk(owners[c0:c1], chunk_size), c0
+            bound = _upper_bound_sums(cos, options["score"])  # (n, m)
+            undecided = bound >= torch.minimum(row_cut[i0:i1, None], column_cut[None, c0:c1])  # (n, m)
+            if i0 // chunk_size in ground_truth:  # ground-truth pairs: always exact
+                gt_rows, gt_cols = ground_truth[i0 // chunk_size]
+                undecided[gt_rows - i0, gt_cols] = True
+            torch.div(bound, k_min, out=scores[i0:i1, c0:c1])
+            rows, cols = undecided.nonzero().unbind(1)  # (u,), (u,)
+            if rows.numel():
+                pending.add(rows + i0, cols + c0, cos[rows, :, :, cols])  # (u, K_v, K_t)
         pending.flush()
-        if progress:
-            print(file=sys.stderr)
     _check_finite(scores, "similarity scores")
     return scores, pending.count / max(1, n_img * n_cap)
 
@@ -564,6 +532,37 @@ def _scipy_assignment_batch_last(cos, out=None):
 # ----------------------------------------------------------------------------------------------
 # Helpers: rank_preserving_scores
 # ----------------------------------------------------------------------------------------------
+
+
+def _cosine_chunks(images, captions, chunk_size, progress_label=None):
+    """Yield (i0, c0, cos) over the whole gallery, caption chunks outside, image chunks inside.
+
+    cos (n, K_v, K_t, m) is the cosine block of images[i0:i0+n] with captions[c0:c0+m], batch-last,
+    in one buffer that the next chunk overwrites (no page faults): use it before the next step.
+    n <= chunk_size; m is sized so that a chunk stays under CHUNK_BYTES. A progress_label prints a
+    progress line to stderr.
+    """
+    n_img, k_v, dim = images.shape
+    n_cap, k_t, _ = captions.shape
+    chunk_size = max(1, int(chunk_size))
+    caption_chunk = _caption_chunk(images, chunk_size, k_t, n_cap)
+    cos_buffer = images.new_empty(min(chunk_size, n_img) * k_v * k_t * caption_chunk)
+    total, done = math.ceil(n_cap / caption_chunk) * math.ceil(n_img / chunk_size), 0
+    for c0 in range(0, n_cap, caption_chunk):
+        c1 = min(n_cap, c0 + caption_chunk)
+        # Caption elements ordered (K_t, m): a cosine chunk comes out batch-last.
+        caption_rows = captions[c0:c1].transpose(0, 1).reshape(k_t * (c1 - c0), dim)  # (K_t*m, D)
+        for i0 in range(0, n_img, chunk_size):
+            i1 = min(n_img, i0 + chunk_size)
+            image_rows = images[i0:i1].reshape((i1 - i0) * k_v, dim)  # (n*K_v, D)
+            cos = cos_buffer[: (i1 - i0) * k_v * k_t * (c1 - c0)].view((i1 - i0) * k_v, k_t * (c1 - c0))
+            torch.matmul(image_rows, caption_rows.T, out=cos)
+            yield i0, c0, cos.view(i1 - i0, k_v, k_t, c1 - c0)  # (n, K_v, K_t, m)
+            done += 1
+            if progress_label:
+                print(f"\r{progress_label}: chunk {done}/{total}", end="", file=sys.stderr)
+    if progress_label:
+        print(file=sys.stderr)
 
 
 def _caption_chunk(images, chunk_size, k_t, n_cap):
