@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -202,17 +203,17 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     sum is accumulated in place in the first model's matrix: one score matrix plus the one being
     added are in memory at a time. Checkpoints whose split differs (other images, captions,
     caption counts or order) raise DataMismatchError naming the two. `draw(model, cfg, loader, device,
-    encoded, results)`, if given, is called for each model with its encoded split (--figures).
+    encoded, results, options)`, if given, is called for each model with its encoded split (--figures).
     """
     for path in paths:                      # a missing file fails before hours of encoding the others
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path!r} does not exist")
+    for path in paths:                      # so does a corrupt one, a bad config or a bad similarity
+        checkpoint_settings(load_checkpoint(path), path, overrides, method)
     per_model, summed, reference = [], None, None
     for path in paths:
         checkpoint = load_checkpoint(path)
-        cfg = apply_overrides(checkpoint_config(checkpoint, path), overrides)
-        model_method, options = similarity_settings(cfg, method)
-        check_similarity(model_method, options, cfg["model"]["num_embeds"])
+        cfg, model_method, options = checkpoint_settings(checkpoint, path, overrides, method)
         model_split = split or cfg["data"]["test_split"]
         model, loader, device = build_eval_context(cfg, checkpoint, model_split)
         del checkpoint
@@ -228,7 +229,7 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
         per_model.append({"ckpt": path, "split": model_split, **results, "collapse": collapse,
                           "method": model_method})
         if draw:
-            draw(model, cfg, loader, device, encoded, per_model[-1])
+            draw(model, cfg, loader, device, encoded, per_model[-1], options)
         del model, encoded
         if len(paths) > 1:
             if summed is None:
@@ -242,6 +243,15 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     ensemble = ranking_results(summed, caption_to_image, cfg["data"]["dataset"])
     ensemble["method"] = f"mean of {len(paths)} score matrices ({', '.join(r['method'] for r in per_model)})"
     return per_model, ensemble
+
+
+def checkpoint_settings(checkpoint, path, overrides, method):
+    """(config with `overrides`, similarity method, options) of a loaded checkpoint; raises the
+    user errors of a bad config or similarity."""
+    cfg = apply_overrides(checkpoint_config(checkpoint, path), overrides)
+    model_method, options = similarity_settings(cfg, method)
+    check_similarity(model_method, options, cfg["model"]["num_embeds"])
+    return cfg, model_method, options
 
 
 def score_split(model, cfg, loader, device, method, options, progress=False, encoded=None, ranks_only=False):
@@ -317,9 +327,12 @@ def write_results(results, path):
     """The results dict as JSON: {"all": {...}, "1k": {...} (5,000-image COCO splits only),
     "collapse": {"image": {...}, "caption": {...}}, "method": "..."}. An ensemble writes
     {"models": [{"ckpt": path, "split": name, <that layout>}, ...], "ensemble": {"all": ..., "1k": ...,
-    "method": ...}}."""
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    "method": ...}}. A path that cannot be written raises FlagError."""
+    try:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=2)
+    except OSError as error:
+        raise FlagError(f"--out {path!r} cannot be written ({error.strerror or error})") from None
 
 
 def build_eval_context(cfg, checkpoint, split, device=None):
@@ -337,38 +350,27 @@ def build_eval_context(cfg, checkpoint, split, device=None):
 
 def format_results(results, title=""):
     """A fixed-width table: one row per protocol, then the collapse diagnostics."""
-    header = f"{'':8s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
     lines = [title] if title else []
-    lines.append(header)
-    for name, metrics in results.items():
-        if name in ("collapse", "method"):
-            continue
-        row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
-        lines.append(f"{name:8s}{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}")
-    lines.append(f"similarity: {results.get('method')}   set collapse (intra-set cos | cos to global | log var "
-                 "| log circ var):")
-    for modality, diag in results["collapse"].items():
-        lines.append(f"  {modality:8s}{diag['intra_set_cos']:8.3f} | {diag['global_cos']:6.3f} | "
-                     f"{diag['log_set_variance']:7.3f} | {diag['log_circular_variance']:7.3f}")
+    lines.append(metrics_header(""))
+    lines += [f"{protocol:8s}{metrics_row(metrics)}" for protocol, metrics in results.items() if protocol in PROTOCOLS]
+    lines.append(f"similarity: {results.get('method')}   {COLLAPSE_HEADER}")
+    lines += [f"  {modality:8s}{collapse_row(diag)}" for modality, diag in results["collapse"].items()]
     return "\n".join(lines)
 
 
 def format_ensemble(per_model, ensemble):
-    """One table: a row per model and protocol, then the ensemble's; the collapse diagnostics below."""
+    """One table: a row per model and protocol, then the ensemble's; the collapse diagnostics below,
+    in the columns of format_results."""
     width = max(len("ensemble"), *(len(r["ckpt"]) for r in per_model)) + 2
-    header = f"{'':{width}s}{'':6s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
-    lines = [f"split {per_model[0]['split']}", header]
+    lines = [f"split {per_model[0]['split']}", metrics_header(f"{'':{width}s}")]
     for name, results in [(r["ckpt"], r) for r in per_model] + [("ensemble", ensemble)]:
-        for protocol, metrics in results.items():
-            if protocol in PROTOCOLS:
-                row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
-                lines.append(f"{name:{width}s}{protocol:6s}{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}")
+        lines += [f"{name:{width}s}{protocol:8s}{metrics_row(metrics)}"
+                  for protocol, metrics in results.items() if protocol in PROTOCOLS]
     lines.append(f"ensemble: {ensemble['method']}")
-    lines.append("set collapse (intra-set cos | cos to global | log var):")
+    lines.append(COLLAPSE_HEADER)
     for results in per_model:
-        for modality, diag in results["collapse"].items():
-            lines.append(f"  {results['ckpt']:{width}s}{modality:8s}{diag['intra_set_cos']:8.3f} | "
-                         f"{diag['global_cos']:6.3f} | {diag['log_set_variance']:7.3f}")
+        lines += [f"  {results['ckpt']:{width}s}{modality:8s}{collapse_row(diag)}"
+                  for modality, diag in results["collapse"].items()]
     return "\n".join(lines)
 
 
@@ -385,6 +387,8 @@ def main(argv=None):
     try:
         flags, overrides = separate_overrides(sys.argv[1:] if argv is None else list(argv), parser)
         args = parser.parse_args(flags)
+        if args.out:
+            check_out_request(args.out)
         draw = figures_request(args)
         per_model, ensemble = evaluate_checkpoints(args.ckpt, overrides, split=args.split, method=args.method,
                                                    progress=args.progress, draw=draw)
@@ -398,7 +402,11 @@ def main(argv=None):
         results = {"models": per_model, "ensemble": ensemble}
         print(format_ensemble(per_model, ensemble))
     if args.out:
-        write_results(results, args.out)
+        try:
+            write_results(results, args.out)
+        except FlagError as error:      # e.g. the folder went away during the evaluation
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -413,6 +421,17 @@ def figures_request(args):
         raise FiguresError("--figures draws one checkpoint; give --ckpt a single path")
     check_figures_request(args.figures, args.figures_count)
     return functools.partial(write_figures, args.figures, count=args.figures_count, title=args.ckpt[0])
+
+
+def check_out_request(path):
+    """Raise FlagError unless a file can be written where --out points, before any evaluation."""
+    if os.path.isdir(path):
+        raise FlagError(f"--out {path!r} is a folder; give a JSON file name")
+    try:
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            pass
+    except OSError as error:
+        raise FlagError(f"--out {path!r} cannot be written ({error.strerror or error})") from None
 
 
 def separate_overrides(argv, parser):
@@ -440,6 +459,24 @@ def separate_overrides(argv, parser):
             flags.append(arg)             # a flag's value, or a stray word argparse will name
         i += 1
     return flags, overrides
+
+
+COLLAPSE_HEADER = "set collapse (intra-set cos | cos to global | log var | log circ var):"
+
+
+def metrics_header(prefix):
+    """The column names of metrics_row, after `prefix` and an 8-character protocol column."""
+    return f"{prefix}{'':8s}" + "".join(f"{k:>9s}" for k in RECALL_KEYS + ("rsum",)) + f"{'medr i/t':>10s}"
+
+
+def metrics_row(metrics):
+    row = "".join(f"{metrics[k]:9.2f}" for k in RECALL_KEYS + ("rsum",))
+    return f"{row}{metrics['i2t_medr']:5.0f}/{metrics['t2i_medr']:<4.0f}"
+
+
+def collapse_row(diag):
+    return (f"{diag['intra_set_cos']:8.3f} | {diag['global_cos']:6.3f} | {diag['log_set_variance']:7.3f} | "
+            f"{diag['log_circular_variance']:7.3f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data import IMAGENET_MEAN, IMAGENET_STD
+from model import move_to
 from similarity import METHOD_OPTIONS, greedy_assignment, max_pair_assignment, pairwise_similarity, score_matrix
 
 # Layout in pixels. The bitmap font is 6 px per character and 11 px high.
@@ -71,12 +72,13 @@ def check_figures_request(out_dir, count):
         raise FiguresError(f"--figures {out_dir!r} cannot be written ({error.strerror or error})") from None
 
 
-def write_figures(out_dir, model, cfg, loader, device, encoded, results, count=8, title=""):
+def write_figures(out_dir, model, cfg, loader, device, encoded, results, options, count=8, title=""):
     """Draw every figure of the module docstring into out_dir; return the written file names.
 
     loader: the evaluation loader (unshuffled, so image i of `encoded` is dataset item i);
     encoded: evaluate.encode_split's (image_sets, image_globals, caption_sets, caption_globals,
-    caption_to_image) for that loader; results: evaluate_model's results (method, collapse).
+    caption_to_image) for that loader; results: evaluate_model's results (method, collapse);
+    options: the options of results["method"] the evaluation scored with.
     """
     check_figures_request(out_dir, count)
     dataset = loader.dataset
@@ -126,7 +128,7 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, count=8
                  "the matching smooth-Chamfer's soft weights favour (not one-to-one) and the greedy one, "
                  "with the three scores.")
 
-    method, options = evaluation_similarity(cfg, results["method"])
+    method = results["method"]
     queries = indices[:RETRIEVAL_QUERIES]
     save_png(draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image,
                                 method, options), out_dir, "retrieval_t2i.png", written,
@@ -159,8 +161,7 @@ def slot_attention(model, batch, device):
     float32 on the CPU. Each SetAttention.weights row sums to 1 over its mask's real positions.
     """
     model.eval()
-    moved = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-    outputs = model(moved, return_attention=True)
+    outputs = model(move_to(batch, device), return_attention=True)
     as_cpu = lambda t: (t.float() if t.is_floating_point() else t).cpu()  # noqa: E731 - masks stay bool
     return tuple(tuple(type(part)(*(as_cpu(t) for t in part)) for part in pair) for pair in outputs)
 
@@ -202,14 +203,6 @@ def method_options(cfg, method):
 
 def smooth_chamfer_alpha(cfg):
     return float(method_options(cfg, "smooth_chamfer")["alpha"])
-
-
-def evaluation_similarity(cfg, method):
-    """(method, options) as evaluate.similarity_settings gives them (figures.py cannot import evaluate.py)."""
-    options = cfg["eval"]["similarity_options"]
-    if options is None:
-        options = cfg["loss"]["similarity_options"] if method == cfg["loss"]["similarity"] else {}
-    return method, dict(options or {})
 
 
 def display_picture(item):
@@ -458,7 +451,7 @@ def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, ca
         top = MARGIN + header + r * row_height
         caption = first_caption(caption_to_image, index)
         scores = score_matrix(image_sets, caption_sets[caption:caption + 1], method=method, **options)[:, 0]
-        order = ranking(scores)
+        order = ranking(scores, [index])
         rank = order.index(index) + 1
         lines = wrap(f"\"{dataset_caption_text(dataset, tokenizer, index)}\"", 40)[:5]
         lines.append(f"(of image #{index}; its rank {rank})")
@@ -503,8 +496,8 @@ def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, captio
             put_text(draw, (MARGIN + 4, top + SMALL_TILE // 2 - 5), "regions")
         put_text(draw, (MARGIN, top + SMALL_TILE + 2), f"image #{index}")
         scores = score_matrix(image_sets[index:index + 1], caption_sets, method=method, **options)[0]
-        order = ranking(scores)
         own = set((caption_to_image == index).nonzero()[:, 0].tolist())
+        order = ranking(scores, own)
         for place, caption in enumerate(order[:TOP]):
             owner = int(caption_to_image[caption])
             if owner not in captions_of:
@@ -520,9 +513,15 @@ def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, captio
     return canvas
 
 
-def ranking(scores):
-    """Indices by decreasing score, ties in index order (a stable sort)."""
-    return torch.sort(scores, descending=True, stable=True).indices.tolist()
+def ranking(scores, ground_truth):
+    """Indices by decreasing score. Ties count against the ground truth, as in
+    evaluate.retrieval_metrics: on a tied score the other items come first (then index order), so
+    the shown rank of the first ground-truth item is the evaluation's (a collapsed model's constant
+    scores put it last, not first)."""
+    is_truth = torch.zeros(len(scores), dtype=torch.uint8)
+    is_truth[list(ground_truth)] = 1
+    truth_last = torch.sort(is_truth, stable=True).indices                      # the secondary key first
+    return truth_last[torch.sort(scores[truth_last], descending=True, stable=True).indices].tolist()
 
 
 def first_caption(caption_to_image, image):

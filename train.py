@@ -48,16 +48,20 @@ class TrainingError(Exception):
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FlagError, TrainingError)
 
 
-def main(argv=None):
+def main(argv=None, exiting=False):
+    """exiting=True (the command line): the process ends when this returns (see train)."""
     try:
         args = parse_command_line(argv)
         cfg = load_config(args.config, args.overrides)
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, exiting=exiting)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         return stop.exit_code
+    except KeyboardInterrupt:       # Ctrl-C outside the training loop (e.g. in the final test)
+        print("interrupted; checkpoints already written are complete", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
@@ -72,8 +76,14 @@ def parse_command_line(argv=None):
 
 # ----------------------------------------------------------------------------- training
 
-def train(cfg, resume=None):
-    """Run training as configured; returns the run directory."""
+def train(cfg, resume=None, exiting=False):
+    """Run training as configured; returns the run directory.
+
+    SIGTERM / Ctrl-C during training or validation stop the run at the next step or epoch end (all
+    ranks agree, last.pt is saved, Interrupted is raised); the previous signal handlers are back when
+    this returns or raises, and before the final test, which a Ctrl-C interrupts at once. exiting=True
+    (the command line): after a signal stop they stay ignored instead, so a SIGTERM that torchrun
+    sends to ranks still exiting cannot turn their exit code 128 + signal into death by signal."""
     context = setup_distributed(cfg)
     validate_config(cfg, context.world_size)
     if cfg["run"]["num_threads"]:
@@ -121,6 +131,25 @@ def train(cfg, resume=None):
               flush=True)
     save = CheckpointWriter(run_dir, cfg, vocab, model, optimizer, scheduler, scaler, context)
     stop = StopRequest(context)
+    try:
+        finished = train_epochs(cfg, context, state, stop, save, trainer, model, optimizer, scheduler, scaler,
+                                train_loader, val_loader, run_dir, exiting)
+    finally:
+        stop.restore()      # before the final test: a Ctrl-C there interrupts the evaluation
+    if not finished:        # train.stop_after_steps
+        return run_dir
+    if context.is_main:
+        final_test(cfg, run_dir, context.device)
+    context.barrier()
+    return run_dir
+
+
+def train_epochs(cfg, context, state, stop, save, trainer, model, optimizer, scheduler, scaler,
+                 train_loader, val_loader, run_dir, exiting):
+    """The epochs from `state` on; False if train.stop_after_steps ended them early. Raises
+    Interrupted after a signal stop (see StopRequest), checked after every step and after each
+    epoch's validation."""
+    steps_per_epoch = train_loader.batch_sampler.batches_per_epoch
     log = JsonlLog(os.path.join(run_dir, "log.jsonl")) if context.is_main else None
     steps_this_invocation = 0
     stop_after = cfg["train"]["stop_after_steps"]
@@ -150,12 +179,8 @@ def train(cfg, resume=None):
                 save("last.pt", state)
                 context.barrier()           # no rank leaves (and makes torchrun end the job) mid-save
                 if stopping:
-                    stop.ignore_further_signals()
-                    if context.is_main:
-                        print(f"stopped by signal at epoch {epoch + 1} step {state['step']}; saved "
-                              f"{run_dir}/last.pt (continue with --resume auto)", flush=True)
-                    raise Interrupted(128 + stop.agreed_signal)
-                return run_dir
+                    stop_by_signal(stop, context, exiting, f"epoch {epoch + 1} step {state['step']}", run_dir)
+                return False
         raise_if_diverged(running, epoch, state, run_dir)
         state["epoch"], state["step"] = epoch + 1, 0
         summary = {"epoch": epoch + 1, "train": running.means(), "time_s": round(time.time() - started, 1)}
@@ -174,11 +199,19 @@ def train(cfg, resume=None):
         if is_best:
             save("best.pt", state, rng_states=save.last_rng_states)
         context.barrier()
+        if stop.agreed():           # a signal during validation: last.pt above already holds the epoch
+            stop_by_signal(stop, context, exiting, f"the end of epoch {epoch + 1}", run_dir)
+    return True
 
+
+def stop_by_signal(stop, context, exiting, where, run_dir):
+    """After every rank agreed on a signal and last.pt is saved: report and raise Interrupted."""
+    if exiting:
+        stop.ignore_further_signals()
     if context.is_main:
-        final_test(cfg, run_dir, context.device)
-    context.barrier()
-    return run_dir
+        print(f"stopped by signal at {where}; saved {run_dir}/last.pt (continue with --resume auto)",
+              flush=True)
+    raise Interrupted(128 + stop.agreed_signal)
 
 
 def training_step(trainer, batch, cfg, context, optimizer, scheduler, scaler):
@@ -354,7 +387,7 @@ def rank_rng_state(checkpoint, context, resume, run_dir):
 def synchronise_batchnorm(model, cfg, context):
     """model.image.batchnorm=sync: SyncBatchNorm across processes (CUDA only). One process: as batch."""
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if cfg["model"]["image"].get("batchnorm") != "sync" or context.world_size == 1 or not has_batchnorm:
+    if cfg["model"]["image"]["batchnorm"] != "sync" or context.world_size == 1 or not has_batchnorm:
         return model
     if context.device.type != "cuda":
         raise ConfigError("model.image.batchnorm=sync needs CUDA (torch's SyncBatchNorm cannot run on the "
@@ -418,8 +451,15 @@ class StopRequest:
 
     def __init__(self, context):
         self.context, self.signal_number, self.agreed_signal = context, 0, 0
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
+        self.previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        for signal_number in self.previous:
             signal.signal(signal_number, self.handle)
+
+    def restore(self):
+        """Reinstall the handlers found at construction (not after ignore_further_signals)."""
+        for signal_number, handler in self.previous.items():
+            signal.signal(signal_number, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
 
     def handle(self, signal_number, frame):
         self.signal_number = max(self.signal_number, signal_number)
@@ -435,6 +475,7 @@ class StopRequest:
     def ignore_further_signals(self):
         """After the stop is saved: a SIGTERM from torchrun (sent to the ranks still exiting when the
         first one has left) must not turn this rank's exit code 128 + signal into death by signal."""
+        self.previous = {}
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signal_number, signal.SIG_IGN)
 
@@ -549,4 +590,4 @@ def epoch_line(summary, is_best):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exiting=True))

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import checkpoint_config  # noqa: E402
-from evaluate import build_eval_context, encode_split, evaluate_model  # noqa: E402
+from evaluate import build_eval_context, encode_split, evaluate_model, similarity_settings  # noqa: E402
 from figures import write_figures  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 
@@ -37,12 +37,13 @@ def main():
     amp = cfg["train"]["amp"]
     encoded = encode_split(model, loader, device, amp)                       # warm-up
     results = evaluate_model(model, cfg, loader, device, encoded=encoded)
+    options = similarity_settings(cfg)[1]
     rows = [("encode the split", lambda: encode_split(model, loader, device, amp)),
             ("score + metrics", lambda: evaluate_model(model, cfg, loader, device, encoded=encoded))]
     with tempfile.TemporaryDirectory() as folder:
         for count in args.count:
             rows.append((f"figures of {count} image(s)", lambda count=count: write_figures(
-                folder, model, cfg, loader, device, encoded, results, count=count)))
+                folder, model, cfg, loader, device, encoded, results, options, count=count)))
         rows[-1][1]()                                                        # warm-up
         seconds = {name: median_seconds(run, args.repeat) for name, run in rows}
     evaluation = seconds["encode the split"] + seconds["score + metrics"]

@@ -371,3 +371,45 @@ def test_overrides_before_and_after_ckpt_reach_every_checkpoint(tmp_path):
         assert evaluate.main([*argv, "--out", str(out)]) == 0
         written = json.loads(out.read_text())
         assert [(m["ckpt"], m["method"]) for m in written["models"]] == [(first, method), (second, method)]
+
+
+def refuse_to_evaluate(monkeypatch):
+    def build_eval_context(*args, **kwargs):
+        raise AssertionError("evaluation started before the request was checked")
+    monkeypatch.setattr(evaluate, "build_eval_context", build_eval_context)
+
+
+def test_out_into_a_missing_folder_is_one_line_before_anything_is_evaluated(tmp_path, capsys, monkeypatch):
+    path = untrained_checkpoint(tmp_path)
+    refuse_to_evaluate(monkeypatch)
+    assert evaluate.main(["--ckpt", path, "--out", str(tmp_path / "missing" / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "missing" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_results_that_cannot_be_written_raise_the_one_line_error():
+    with pytest.raises(evaluate.FlagError, match="cannot be written"):
+        evaluate.write_results({"all": {}}, os.path.join("no", "such", "folder", "m.json"))
+
+
+def test_a_corrupt_second_checkpoint_of_an_ensemble_fails_before_the_first_is_encoded(tmp_path, capsys,
+                                                                                      monkeypatch):
+    first, second = untrained_checkpoint(tmp_path, "a.pt"), untrained_checkpoint(tmp_path, "b.pt", seed=1)
+    with open(second, "r+b") as handle:
+        handle.truncate(100)
+    refuse_to_evaluate(monkeypatch)
+    assert evaluate.main(["--ckpt", first, second]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and second in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_ensemble_table_prints_the_collapse_columns_of_the_single_model_table():
+    metrics = {key: float(n) for n, key in enumerate(evaluate.RECALL_KEYS + ("rsum", "i2t_medr", "t2i_medr"))}
+    diag = {"intra_set_cos": 0.5, "global_cos": 0.25, "log_set_variance": -1.5, "log_circular_variance": -2.75}
+    model = {"ckpt": "a.pt", "split": "test", "all": metrics, "collapse": {"image": diag, "caption": diag},
+             "method": "max_pair"}
+    single = evaluate.format_results({k: v for k, v in model.items() if k not in ("ckpt", "split")}).splitlines()
+    ensemble = evaluate.format_ensemble([model], {"all": metrics, "method": "mean"}).splitlines()
+    assert single[-1].split() == ["caption", "0.500", "|", "0.250", "|", "-1.500", "|", "-2.750"]
+    assert ensemble[-1].split() == ["a.pt", *single[-1].split()]
+    assert "log circ var" in ensemble[-3] and single[-3].endswith(ensemble[-3])

@@ -1,5 +1,5 @@
 """figures.py through `evaluate.py --figures`: valid PNGs of the expected sizes, attention that sums
-to 1 over real positions, the drawn assignment is max_pair_assignment's, byte-identical reruns,
+to 1 over real positions, the drawn assignment is the brute-force maximal matching, byte-identical reruns,
 unchanged metrics, one-line errors; every image encoder and both text encoders."""
 import copy
 import itertools
@@ -16,7 +16,6 @@ from config import load_config
 from data import build_vocabulary, prepare_data, training_captions
 from evaluate import build_eval_context, collapse_diagnostics, encode_split, evaluate_model
 from model import build_model, load_checkpoint, normalised_position_encoding
-from similarity import greedy_assignment, max_pair_assignment
 from test_model import tiny_batch, tiny_config
 from test_train import run_cli as run_script, write_precomputed
 from train import make_vocabulary
@@ -189,15 +188,14 @@ def brute_force_best_sum(cos):
 
 
 @pytest.mark.parametrize("k_v, k_t, seed", [(3, 3, 0), (4, 4, 1), (3, 5, 2)])
-def test_drawn_assignment_is_max_pair_assignment(k_v, k_t, seed):
+def test_drawn_assignment_is_the_brute_force_maximal_matching(k_v, k_t, seed):
     generator = torch.Generator().manual_seed(seed)
     cos = torch.rand(k_v, k_t, generator=generator) * 2 - 1
     chosen = figures.matchings(cos, alpha=16.0)
-    assert torch.equal(chosen["max_pair"], max_pair_assignment(cos))
+    assert sorted(set(chosen["max_pair"].tolist())) == sorted(chosen["max_pair"].tolist())    # one-to-one
     assert sum(cos[r, c].item() for r, c in enumerate(chosen["max_pair"].tolist())) == pytest.approx(
         brute_force_best_sum(cos), abs=1e-6)
-    assert torch.equal(chosen["greedy"], greedy_assignment(cos))
-    assert torch.equal(chosen["smooth_chamfer"], (16.0 * cos).softmax(dim=1).argmax(dim=1))
+    assert torch.equal(chosen["smooth_chamfer"], cos.argmax(dim=1))      # the softmax keeps each row's order
     scores = {"max_pair": 0.5, "smooth_chamfer": 0.6, "greedy": 0.4}
     canvas, cells = figures.draw_matching(7, None, "a red star", cos, chosen, scores)
     pixels = canvas.load()
@@ -205,6 +203,21 @@ def test_drawn_assignment_is_max_pair_assignment(k_v, k_t, seed):
         for (row, column), (x0, y0, x1, y1) in cells[method].items():
             framed = all(pixels[x, y] == figures.MARK for x, y in ((x0 + 1, y0 + 1), (x1 - 1, y1 - 1)))
             assert framed == (assignment[row].item() == column), (method, row, column)
+
+
+@pytest.mark.parametrize("decimals", [None, 1], ids=["constant", "rounded"])
+def test_drawn_ranks_count_ties_against_the_ground_truth_like_the_evaluation(decimals):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        scores = torch.zeros(12) if decimals is None else torch.rand(12, generator=generator).round(decimals=decimals)
+        truth = set(torch.randperm(12, generator=generator)[:1 + trial % 3].tolist())
+        order = figures.ranking(scores, truth)
+        assert sorted(order) == list(range(12))
+        assert all(scores[a] >= scores[b] for a, b in zip(order, order[1:]))
+        best = max(scores[t].item() for t in truth)
+        others_at_least = sum(1 for i in range(12) if i not in truth and scores[i].item() >= best)
+        assert min(order.index(t) for t in truth) + 1 == others_at_least + 1      # the evaluation's rank
+    assert figures.ranking(torch.zeros(4), [0]) == [1, 2, 3, 0]    # collapsed: its ground truth is drawn last
 
 
 def test_histogram_values_are_the_evaluated_intra_set_cosines():
@@ -250,7 +263,9 @@ def test_figures_for_vit_patches_bert_words_and_region_bars(shapes_checkpoint, t
     model, loader, device = build_eval_context(cfg, checkpoint, "test")
     encoded = encode_split(model, loader, device)
     results = evaluate_model(model, cfg, loader, device, encoded=encoded)
-    written = figures.write_figures(str(tmp_path / "figs"), model, cfg, loader, device, encoded, results, count=2)
+    options = evaluate.similarity_settings(cfg)[1]
+    written = figures.write_figures(str(tmp_path / "figs"), model, cfg, loader, device, encoded, results, options,
+                                    count=2)
     assert sorted(written) == figure_files(2)
     for name in written[:-1]:
         with Image.open(tmp_path / "figs" / name) as picture:

@@ -20,7 +20,7 @@ ALLOWED = {
     "model": set(),
     "config": {"similarity", "losses"},
     "data": {"config", "shapes"},
-    "figures": {"data", "similarity"},
+    "figures": {"data", "model", "similarity"},
     "evaluate": {"config", "data", "figures", "model", "similarity"},
     "train": {"config", "data", "evaluate", "losses", "model", "similarity"},
 }

@@ -213,22 +213,29 @@ def test_gru_packed_with_the_collated_caption_order_matches_unsorted_packing():
     torch.testing.assert_close(ordered[2][:1], first_alone, rtol=0, atol=1e-6)      # row 0 is caption 0
 
 
-@pytest.mark.parametrize("batchnorm, finetune, updated", [("batch", True, True), ("frozen", True, False),
-                                                          ("batch", False, False), ("sync", True, True)])
-def test_batchnorm_running_statistics_change_only_in_batch_mode_with_a_trained_backbone(batchnorm, finetune, updated):
-    """frozen, or finetune: false, keeps every BatchNorm layer on its running statistics through a
-    training step; frozen still trains the affine weights. sync in one process is batch."""
+def one_training_step(batchnorm, finetune):
+    """A tiny CNN model prepared as train.py prepares it in one process (synchronise_batchnorm
+    included), after one SGD step: (model, backbone state before, after, its BatchNorm layers)."""
+    from train import DistributedContext, synchronise_batchnorm
     cfg = tiny_config("cnn", "gru")
     cfg["model"]["image"].update(batchnorm=batchnorm, finetune=finetune)
     torch.manual_seed(0)
-    model = build_model(cfg, VOCAB).train()
-    layers = [m for m in model.image_encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model = synchronise_batchnorm(build_model(cfg, VOCAB), cfg, DistributedContext(0, 1, torch.device("cpu"))).train()
+    layers = [m for m in model.image_encoder.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     before = copy.deepcopy(model.image_encoder.backbone.state_dict())
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     image_set, caption_set = model(tiny_batch())
     (image_set.sets.sum() - caption_set.sets.sum()).backward()
     optimizer.step()
-    after = model.image_encoder.backbone.state_dict()
+    return model, before, model.image_encoder.backbone.state_dict(), layers
+
+
+@pytest.mark.parametrize("batchnorm, finetune, updated", [("batch", True, True), ("frozen", True, False),
+                                                          ("batch", False, False), ("sync", True, True)])
+def test_batchnorm_running_statistics_change_only_in_batch_mode_with_a_trained_backbone(batchnorm, finetune, updated):
+    """frozen, or finetune: false, keeps every BatchNorm layer on its running statistics through a
+    training step; frozen still trains the affine weights."""
+    model, before, after, layers = one_training_step(batchnorm, finetune)
     statistics = [key for key in before if key.endswith(("running_mean", "running_var"))]
     assert len(statistics) == 2 * len(layers) > 0
     assert all(layer.training == updated for layer in layers)
@@ -237,6 +244,17 @@ def test_batchnorm_running_statistics_change_only_in_batch_mode_with_a_trained_b
     affine_gradients = [layer.weight.grad for layer in layers]
     assert all(grad is not None and grad.abs().sum() > 0 for grad in affine_gradients) == finetune
     assert all(grad is None for grad in affine_gradients) == (not finetune)
+
+
+def test_sync_batchnorm_in_one_process_stays_plain_batchnorm_and_trains_like_batch():
+    """train.synchronise_batchnorm leaves one process's model alone: no SyncBatchNorm (which cannot
+    run on the CPU), and the step gives bit-identical weights and statistics to batch mode."""
+    model, _, synced, layers = one_training_step("sync", True)
+    assert layers and all(type(layer) is torch.nn.BatchNorm2d for layer in layers)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    _, _, batch, _ = one_training_step("batch", True)
+    assert synced.keys() == batch.keys()
+    assert all(torch.equal(synced[key], batch[key]) for key in synced)
 
 
 def test_unknown_batchnorm_mode_is_named():

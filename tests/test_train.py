@@ -405,3 +405,39 @@ def test_a_checkpoint_from_before_batchnorm_modes_and_per_rank_rng_resumes(tmp_p
     torch.save(checkpoint, last)
     assert train.main(base + ["train.epochs=2", "--resume", "auto"]) == 0
     assert load_checkpoint(str(last))["state"]["epoch"] == 2
+
+
+def signal_during_evaluation(monkeypatch, at_call, signal_number):
+    """train.evaluate_model sends `signal_number` to this process at its `at_call`-th call (1:
+    epoch 1's validation), then evaluates as usual."""
+    calls = []
+    real = train.evaluate_model
+
+    def evaluate_model(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal_number)
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate_model", evaluate_model)
+
+
+def test_a_signal_during_validation_stops_after_it_and_gives_the_handlers_back(tmp_path, monkeypatch):
+    write_precomputed(tmp_path / "precomp", num_images=16)
+    signal_during_evaluation(monkeypatch, at_call=1, signal_number=signal.SIGINT)
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    assert train.main(tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=3"]) == 128 + signal.SIGINT
+    assert {number: signal.getsignal(number) for number in before} == before
+    checkpoint = load_checkpoint(str(tmp_path / "runs" / "run" / "last.pt"))
+    assert checkpoint["state"]["epoch"] == 1 and checkpoint["state"]["step"] == 0   # not one step of epoch 2
+    assert not (tmp_path / "runs" / "run" / "test_metrics.json").exists()
+
+
+def test_ctrl_c_during_the_final_test_interrupts_it(tmp_path, monkeypatch, capsys):
+    write_precomputed(tmp_path / "precomp", num_images=16)
+    signal_during_evaluation(monkeypatch, at_call=2, signal_number=signal.SIGINT)   # 1 epoch: 2nd is the test
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    assert train.main(tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]) == 128 + signal.SIGINT
+    assert {number: signal.getsignal(number) for number in before} == before
+    assert not (tmp_path / "runs" / "run" / "test_metrics.json").exists()
+    assert "interrupted" in capsys.readouterr().err
