@@ -205,7 +205,8 @@ def main(argv=None):
     table = "\n\n".join(tables)
     reused = sum(1 for r in results if r.get("reused"))
     run_minutes = sum(r.get("seconds", 0.0) for r in results) / 60
-    header = (f"Grid `{grid}`, {len(seeds)} seed(s) {seeds}, budget `{' '.join(b for b in budget if 'data.root' not in b)}`, "
+    budget_text = " ".join(b for b in [*budget, *args.overrides] if "data.root" not in b)  # what every run got
+    header = (f"Grid `{grid}`, {len(seeds)} seed(s) {seeds}, budget `{budget_text}`, "
               f"{args.jobs} run(s) at a time x {threads} thread(s); this invocation {(time.time() - started) / 60:.1f} "
               f"min, {reused} of {len(results)} runs reused; the runs' own times sum to {run_minutes:.1f} min.\n\n")
     table_path = args.table or os.path.join(out, "table.md")
