@@ -110,7 +110,8 @@ def bench_assignment(args, device):
             for label, limit in (("permutations", 99), ("subset DP", 0)):
                 if label == "permutations" and k > 6:  # K = 7: 5,040 maps, ~0.04 M/s
                     continue
-                cases.append((f"  via {label}", lambda limit=limit: assign_with_limit(blocks, limit)))
+                cases.append((f"  via {label}",
+                              lambda limit=limit: assign_with(blocks, "PERMUTATION_MAX_K_ASSIGNMENT", limit)))
         cases.append(("greedy", lambda: similarity.greedy_assignment(blocks)))
         for label, fn in cases:
             seconds = timed(fn, device, repeats=args.repeats)
@@ -131,8 +132,8 @@ def bench_assignment(args, device):
         cases = [("max_pair exact (scipy, per block)", blocks, lambda b: similarity.max_pair_assignment(b)),
                  ("greedy", blocks, lambda b: similarity.greedy_assignment(b))]
         if k == 16:  # the torch-only fallback without scipy, on fewer blocks
-            assign_with_dp_up_to(blocks[:10], 16)  # warm-up: builds its tables once (seconds)
-            cases.insert(1, ("  via subset DP (without scipy)", blocks[:500], lambda b: assign_with_dp_up_to(b, 16)))
+            assign_with(blocks[:10], "SUBSET_DP_MAX_K", 16)  # warm-up: builds its tables once (seconds)
+            cases.insert(1, ("  via subset DP (without scipy)", blocks[:500], lambda b: assign_with(b, "SUBSET_DP_MAX_K", 16)))
         for label, some, fn in cases:
             seconds = timed(lambda: fn(some), device, repeats=args.repeats)
             rate = len(some) / seconds
@@ -225,24 +226,15 @@ def random_sets(n_img, per_image, k, dim, seed):
             F.normalize(torch.randn(n_img * per_image, k, dim, generator=g), dim=-1))
 
 
-def assign_with_dp_up_to(blocks, k):
-    """max_pair_assignment with the subset DP up to K = k (as without scipy)."""
-    saved = similarity.SUBSET_DP_MAX_K
-    similarity.SUBSET_DP_MAX_K = k
+def assign_with(blocks, constant, value):
+    """max_pair_assignment with similarity.<constant> set to value for this call (e.g. the subset DP
+    up to K = 16, as without scipy, or the permutation product forced up to some K)."""
+    saved = getattr(similarity, constant)
+    setattr(similarity, constant, value)
     try:
         return similarity.max_pair_assignment(blocks)
     finally:
-        similarity.SUBSET_DP_MAX_K = saved
-
-
-def assign_with_limit(blocks, limit):
-    """max_pair_assignment with the permutation product forced up to K = limit."""
-    saved = similarity.PERMUTATION_MAX_K_ASSIGNMENT
-    similarity.PERMUTATION_MAX_K_ASSIGNMENT = limit
-    try:
-        return similarity.max_pair_assignment(blocks)
-    finally:
-        similarity.PERMUTATION_MAX_K_ASSIGNMENT = saved
+        setattr(similarity, constant, saved)
 
 
 def bench_scoring(args, device):
