@@ -553,7 +553,8 @@ def autocast(device, amp):
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True and one clear error for missing or broken files."""
+    """torch.load with weights_only=True and one clear error for missing or broken files, and for
+    weights that are NaN or inf."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
@@ -564,4 +565,9 @@ def load_checkpoint(path):
     missing = [key for key in ("model", "config") if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} has no {', '.join(missing)}: not a MaxMatch checkpoint")
+    broken = next((name for name, tensor in checkpoint["model"].items()
+                   if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:    # a diverged run: every score would be NaN, so refuse it here, by name
+        raise CheckpointError(f"checkpoint {path!r} has NaN or inf in weight {broken!r}: the run diverged; "
+                              "use an earlier checkpoint")
     return checkpoint

@@ -403,6 +403,18 @@ def test_a_corrupt_second_checkpoint_of_an_ensemble_fails_before_the_first_is_en
     assert err.startswith("error: ") and second in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_checkpoint_with_nan_weights_is_one_line_naming_the_weight(tmp_path, capsys):
+    path = untrained_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    name = next(key for key, value in checkpoint["model"].items() if value.is_floating_point())
+    checkpoint["model"][name].view(-1)[0] = float("nan")
+    torch.save(checkpoint, path)
+    assert evaluate.main(["--ckpt", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and path in err and repr(name) in err and "NaN" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_the_ensemble_table_prints_the_collapse_columns_of_the_single_model_table():
     metrics = {key: float(n) for n, key in enumerate(evaluate.RECALL_KEYS + ("rsum", "i2t_medr", "t2i_medr"))}
     diag = {"intra_set_cos": 0.5, "global_cos": 0.25, "log_set_variance": -1.5, "log_circular_variance": -2.75}
