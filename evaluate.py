@@ -332,7 +332,7 @@ def write_results(results, path):
         with open(path, "w") as handle:
             json.dump(results, handle, indent=2)
     except OSError as error:
-        raise FlagError(f"--out {path!r} cannot be written ({error.strerror or error})") from None
+        raise FlagError(f"results file {path!r} cannot be written ({error.strerror or error})") from None
 
 
 def build_eval_context(cfg, checkpoint, split, device=None):

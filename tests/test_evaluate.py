@@ -387,9 +387,11 @@ def test_out_into_a_missing_folder_is_one_line_before_anything_is_evaluated(tmp_
     assert err.startswith("error: --out ") and "missing" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_results_that_cannot_be_written_raise_the_one_line_error():
-    with pytest.raises(evaluate.FlagError, match="cannot be written"):
-        evaluate.write_results({"all": {}}, os.path.join("no", "such", "folder", "m.json"))
+def test_results_that_cannot_be_written_raise_one_line_naming_the_file_not_a_flag():
+    path = os.path.join("no", "such", "folder", "m.json")
+    with pytest.raises(evaluate.FlagError, match="cannot be written") as caught:
+        evaluate.write_results({"all": {}}, path)
+    assert repr(path) in str(caught.value) and "--out" not in str(caught.value)   # train.py writes through it too
 
 
 def test_a_corrupt_second_checkpoint_of_an_ensemble_fails_before_the_first_is_encoded(tmp_path, capsys,
