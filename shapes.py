@@ -11,6 +11,7 @@ The generator's parameters are the `data.shapes` section of config.yaml; the key
 Imports no other file of this repository.
 """
 import collections
+import contextlib
 import inspect
 import itertools
 import json
@@ -130,17 +131,24 @@ def shapes_defaults():
 
 
 def ensure_shapes(root, params):
-    """Generate the dataset into `root` unless it is there with exactly these generator parameters."""
-    root = Path(root)
-    stored = stored_shapes_params(root)
-    if stored is None:
-        print(f"generating the shapes dataset into {root} ...", flush=True)
-        generate_shapes(root, **params)
-    elif stored != _jsonable(params):
-        changed = sorted(k for k in set(stored) | set(params) if stored.get(k) != _jsonable(params).get(k))
-        print(f"shapes dataset in {root} was generated with other parameters ({', '.join(changed)}): "
-              "regenerating", flush=True)
-        generate_shapes(root, **params)
+    """Generate the dataset into `root` unless it is there with exactly these generator parameters.
+
+    Processes started together on a fresh folder take turns (a lock file in `root`, where the OS has
+    `fcntl`): the first generates, the others wait and find the data done."""
+    root, params = Path(root), {**shapes_defaults(), **params}     # a partial dict means the defaults
+    if stored_shapes_params(root) == _jsonable(params):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with _generation_lock(root):
+        stored = stored_shapes_params(root)       # read again: another process may have just finished
+        if stored is None:
+            print(f"generating the shapes dataset into {root} ...", flush=True)
+            generate_shapes(root, **params)
+        elif stored != _jsonable(params):
+            changed = sorted(k for k in set(stored) | set(params) if stored.get(k) != _jsonable(params).get(k))
+            print(f"shapes dataset in {root} was generated with other parameters ({', '.join(changed)}): "
+                  "regenerating", flush=True)
+            generate_shapes(root, **params)
 
 
 def stored_shapes_params(root):
@@ -190,6 +198,22 @@ def tokenize_words(text):
 
 def _jsonable(value):
     return json.loads(json.dumps(value))
+
+
+@contextlib.contextmanager
+def _generation_lock(root):
+    """An exclusive lock on <root>/.generating.lock for the duration of the block (no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:       # Windows: no lock; start one process first there
+        yield
+        return
+    with open(Path(root) / ".generating.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_atomic(path, text):

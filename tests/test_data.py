@@ -172,6 +172,20 @@ def test_prepare_data_generates_shapes_only_when_missing_or_stale(tmp_path, caps
     assert json.loads(json_path.read_text())["generator"]["num_test"] == 12
 
 
+def test_two_processes_on_a_fresh_shapes_folder_take_turns_and_the_second_reuses_the_data(tmp_path):
+    root, params = tmp_path / "s", {**SMALL_SHAPES, "num_train": 400}
+    code = f"import shapes; shapes.ensure_shapes({str(root)!r}, {params!r})"
+    repo = str(Path(__file__).resolve().parent.parent)
+    workers = [subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert sum("generating" in out for out, _ in outputs) == 1, outputs
+    reference = shapes.generate_shapes(tmp_path / "reference", **params)
+    assert (root / "dataset_shapes.json").read_bytes() == reference.read_bytes()
+    assert len(list((root / "images").glob("*.png"))) == 400 + 10 + 20
+
+
 def test_unknown_shapes_key_is_rejected():
     with pytest.raises(DataError, match="data.shapes.num_triangles"):
         data.shapes_params({"shapes": {"num_triangles": 3}})
