@@ -563,11 +563,12 @@ def load_checkpoint(path):
         raise CheckpointError(f"checkpoint {path!r} cannot be read ({str(error).splitlines()[0][:120]}); "
                               "it is truncated or not a MaxMatch checkpoint") from None
     missing = [key for key in ("model", "config") if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"checkpoint {path!r} has no {', '.join(missing)}: not a MaxMatch checkpoint")
-    broken = next((name for name, tensor in checkpoint["model"].items()
-                   if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
-    if broken is not None:    # a diverged run: every score would be NaN, so refuse it here, by name
-        raise CheckpointError(f"checkpoint {path!r} has NaN or inf in weight {broken!r}: the run diverged; "
-                              "use an earlier checkpoint")
+    if missing or not isinstance(checkpoint["model"], dict):
+        raise CheckpointError(f"checkpoint {path!r} has no {', '.join(missing) or 'model weights dict'}: "
+                              "not a MaxMatch checkpoint")
+    nonfinite_weight = next((name for name, tensor in checkpoint["model"].items() if torch.is_tensor(tensor)
+                             and tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if nonfinite_weight is not None:    # a diverged run: every score would be NaN, so refuse it here, by name
+        raise CheckpointError(f"checkpoint {path!r} has NaN or inf in weight {nonfinite_weight!r}: the run "
+                              "diverged; use an earlier checkpoint")
     return checkpoint

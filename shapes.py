@@ -202,14 +202,20 @@ def _jsonable(value):
 
 @contextlib.contextmanager
 def _generation_lock(root):
-    """An exclusive lock on <root>/.generating.lock for the duration of the block (no-op without fcntl)."""
+    """An exclusive lock on <root>/.generating.lock for the duration of the block. Unlocked, as before
+    locks existed, where the OS has no fcntl (Windows) or the file system refuses flock (some NFS,
+    Lustre and FUSE mounts): start one process first there."""
     try:
         import fcntl
-    except ImportError:       # Windows: no lock; start one process first there
+    except ImportError:
         yield
         return
     with open(Path(root) / ".generating.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
         try:
             yield
         finally:

@@ -186,6 +186,16 @@ def test_two_processes_on_a_fresh_shapes_folder_take_turns_and_the_second_reuses
     assert len(list((root / "images").glob("*.png"))) == 400 + 10 + 20
 
 
+def test_shapes_are_generated_unlocked_where_the_file_system_refuses_flock(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+
+    def refuse(handle, operation):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    shapes.ensure_shapes(tmp_path / "s", SMALL_SHAPES)
+    assert shapes.stored_shapes_params(tmp_path / "s")["num_test"] == SMALL_SHAPES["num_test"]
+
+
 def test_unknown_shapes_key_is_rejected():
     with pytest.raises(DataError, match="data.shapes.num_triangles"):
         data.shapes_params({"shapes": {"num_triangles": 3}})

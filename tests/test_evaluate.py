@@ -417,6 +417,15 @@ def test_a_checkpoint_with_nan_weights_is_one_line_naming_the_weight(tmp_path, c
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_a_checkpoint_whose_model_entry_is_not_a_weights_dict_is_one_line(tmp_path, capsys):
+    path = untrained_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "model": list(checkpoint["model"].values())}, path)
+    assert evaluate.main(["--ckpt", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a MaxMatch checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_ensemble_table_prints_the_collapse_columns_of_the_single_model_table():
     metrics = {key: float(n) for n, key in enumerate(evaluate.RECALL_KEYS + ("rsum", "i2t_medr", "t2i_medr"))}
     diag = {"intra_set_cos": 0.5, "global_cos": 0.25, "log_set_variance": -1.5, "log_circular_variance": -2.75}
