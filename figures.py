@@ -441,12 +441,10 @@ def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, ca
     tile = SMALL_TILE + 8
     width = max(MIN_WIDTH, 2 * MARGIN + query_width + TOP * (tile + GAP))
     row_height = max(6 * LINE, tile) + 2 * LINE + GAP
-    header = 2 * LINE + GAP
-    canvas = Image.new("RGB", (width, 2 * MARGIN + header + len(queries) * row_height), WHITE)
-    draw = ImageDraw.Draw(canvas)
-    put_text(draw, (MARGIN, MARGIN), f"Text-to-image: the top {TOP} images for a caption, scored by {method} "
-                                     "(exact, this caption against every image).")
-    put_text(draw, (MARGIN, MARGIN + LINE), "Green frame: the caption's own image. Below each: rank, image, score.")
+    canvas, draw, header = retrieval_canvas(
+        width, len(queries) * row_height,
+        f"Text-to-image: the top {TOP} images for a caption, scored by {method} (exact, this caption against "
+        "every image).", "Green frame: the caption's own image. Below each: rank, image, score.")
     for r, index in enumerate(queries):
         top = MARGIN + header + r * row_height
         caption = first_caption(caption_to_image, index)
@@ -480,12 +478,10 @@ def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, captio
     width = CAPTION_WIDTH
     text_chars = (width - text_left - MARGIN) // CHAR
     row_height = max(SMALL_TILE, (TOP + 2) * LINE) + LINE + GAP
-    header = 2 * LINE + GAP
-    canvas = Image.new("RGB", (width, 2 * MARGIN + header + len(queries) * row_height), WHITE)
-    draw = ImageDraw.Draw(canvas)
-    put_text(draw, (MARGIN, MARGIN), f"Image-to-text: the top {TOP} captions for an image, scored by {method} "
-                                     "(exact, this image against every caption).")
-    put_text(draw, (MARGIN, MARGIN + LINE), "Green [GT]: one of the image's own captions.")
+    canvas, draw, header = retrieval_canvas(
+        width, len(queries) * row_height,
+        f"Image-to-text: the top {TOP} captions for an image, scored by {method} (exact, this image against "
+        "every caption).", "Green [GT]: one of the image's own captions.")
     captions_of = {}
     for r, index in enumerate(queries):
         top = MARGIN + header + r * row_height
@@ -511,6 +507,17 @@ def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, captio
         put_text(draw, (text_left, top + (TOP + 1) * LINE),
                  f"its {len(own)} captions are at ranks {', '.join(map(str, ranks))}")
     return canvas
+
+
+def retrieval_canvas(width, rows_height, title, legend):
+    """A white canvas with a two-line header (title, legend) above `rows_height` pixels of rows.
+    Returns (canvas, draw, header height)."""
+    header = 2 * LINE + GAP
+    canvas = Image.new("RGB", (width, 2 * MARGIN + header + rows_height), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    put_text(draw, (MARGIN, MARGIN), title)
+    put_text(draw, (MARGIN, MARGIN + LINE), legend)
+    return canvas, draw, header
 
 
 def ranking(scores, ground_truth):

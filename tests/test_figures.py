@@ -17,6 +17,7 @@ from data import build_vocabulary, prepare_data, training_captions
 from evaluate import build_eval_context, collapse_diagnostics, encode_split, evaluate_model
 from model import build_model, load_checkpoint, normalised_position_encoding
 from test_model import tiny_batch, tiny_config
+from test_presets import write_bert_tokenizer
 from test_train import run_cli as run_script, write_precomputed
 from train import make_vocabulary
 
@@ -232,15 +233,6 @@ def test_histogram_values_are_the_evaluated_intra_set_cosines():
 
 
 # ----------------------------------------------------------------------------- other encoders
-
-def write_bert_tokenizer(folder, words):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.txt"), "w") as handle:
-        handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as handle:
-        json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True}, handle)
-    return folder
-
 
 @pytest.mark.parametrize("image, text", [("vit", "bert"), ("precomputed", "gru")])
 def test_figures_for_vit_patches_bert_words_and_region_bars(shapes_checkpoint, tmp_path, image, text):

@@ -19,11 +19,11 @@ BERT_BASE = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "
 WORDS = ["a", "man", "dog", "red", "car", "on", "the", "street", "with", "two", "people", "sitting"]
 
 
-def write_bert_tokenizer(folder):
+def write_bert_tokenizer(folder, words=WORDS):
     """A minimal BERT WordPiece tokenizer folder (what a local bert-base-uncased copy also holds)."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.txt"), "w") as handle:
-        handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+        handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)) + "\n")
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as handle:
         json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": True}, handle)
     return folder
