@@ -136,7 +136,8 @@ def ensure_shapes(root, params):
     Processes started together on a fresh folder take turns (a lock file in `root`, where the OS has
     `fcntl`): the first generates, the others wait and find the data done."""
     root, params = Path(root), {**shapes_defaults(), **params}     # a partial dict means the defaults
-    if stored_shapes_params(root) == _jsonable(params):
+    wanted = _jsonable(params)                    # as stored in the dataset's JSON
+    if stored_shapes_params(root) == wanted:
         return
     root.mkdir(parents=True, exist_ok=True)
     with _generation_lock(root):
@@ -144,8 +145,8 @@ def ensure_shapes(root, params):
         if stored is None:
             print(f"generating the shapes dataset into {root} ...", flush=True)
             generate_shapes(root, **params)
-        elif stored != _jsonable(params):
-            changed = sorted(k for k in set(stored) | set(params) if stored.get(k) != _jsonable(params).get(k))
+        elif stored != wanted:
+            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             print(f"shapes dataset in {root} was generated with other parameters ({', '.join(changed)}): "
                   "regenerating", flush=True)
             generate_shapes(root, **params)
