@@ -92,6 +92,11 @@ def validate_config(cfg, world_size):
         raise ConfigError(f"train.optimizer={cfg['train']['optimizer']!r}; use adamw or sgd")
     if cfg["train"]["amp"] not in ("bf16", "fp16", "off"):
         raise ConfigError(f"train.amp={cfg['train']['amp']!r}; use bf16, fp16 or off")
+    if (cfg["train"]["checkpoint_every"] or 0) < 0:
+        raise ConfigError(f"train.checkpoint_every={cfg['train']['checkpoint_every']}; use 0 (epoch ends only) "
+                          "or a number of steps")
+    if not cfg["run"]["dist_timeout_s"] or cfg["run"]["dist_timeout_s"] <= 0:
+        raise ConfigError(f"run.dist_timeout_s={cfg['run']['dist_timeout_s']!r}; use a number of seconds above 0")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -357,7 +357,7 @@ class ShardedBatchSampler(Sampler):
 
     def __iter__(self):
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_derive_seed(self.seed, self.epoch))
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_items, generator=generator).tolist()
         else:
             order = list(range(self.num_items))
@@ -390,6 +390,11 @@ def set_loader_epoch(loader, epoch, start_batch=0):
     loader.dataset.set_epoch(epoch)
 
 
+def derive_seed(*parts):
+    """A 63-bit seed from integers, stable across processes and Python hash seeds."""
+    return random.Random(":".join(str(int(p)) for p in parts)).getrandbits(63)
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers: datasets
 
@@ -404,13 +409,8 @@ class _Collate:
         return collate_batch(items, self.pad_id)
 
 
-def _derive_seed(*parts):
-    """A 63-bit seed from integers, stable across processes and Python hash seeds."""
-    return random.Random(":".join(str(int(p)) for p in parts)).getrandbits(63)
-
-
 def _item_rng(seed, epoch, index):
-    return random.Random(_derive_seed(seed, epoch, index))
+    return random.Random(derive_seed(seed, epoch, index))
 
 
 def _select_captions(captions, count, rng):

@@ -2,7 +2,7 @@
 
     python train.py                                   # built-in shapes dataset, then test metrics
     python train.py --config configs/X.yaml train.epochs=3 model.num_embeds=2
-    torchrun --nproc_per_node=8 train.py --config configs/X.yaml
+    torchrun --nproc_per_node=8 --max-restarts=3 train.py --config configs/X.yaml
     python train.py --resume auto                     # continue runs/<run.name>/last.pt exactly
 
 Each step encodes B images and their B*C captions as sets, all-gathers the sets WITH gradient
@@ -13,8 +13,15 @@ every caption with `similarity.pairwise_similarity` (exact max_pair by default) 
 
 A run directory `<run.out_dir>/<run.name>` holds config.yaml, log.jsonl, last.pt, best.pt (by
 validation RSUM, ties counted against the ground truth as in evaluate.py) and, at the end,
-test_metrics.json (the layout of `evaluate.py --out`). Checkpoints are written atomically.
+test_metrics.json (the layout of `evaluate.py --out`). Checkpoints are written atomically, at epoch
+ends and every `train.checkpoint_every` steps.
+
+Under torchrun's elastic agent a dead or hung worker makes the others leave within
+`run.dist_timeout_s` with one line; when the agent starts the workers again (`--max-restarts`, or a
+node joining or leaving under `--nnodes=MIN:MAX`) they continue the run folder's last.pt by
+themselves, with any number of processes (same global batch and sample order).
 """
+import datetime
 import json
 import math
 import os
@@ -22,6 +29,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 
 import numpy
 import torch
@@ -30,7 +38,7 @@ import yaml
 from tqdm import tqdm
 
 from config import ConfigError, checkpoint_config, load_config, validate_config
-from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, prepare_data,
+from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, derive_seed, prepare_data,
                   set_loader_epoch, training_captions)
 from evaluate import (ArgumentParser, FlagError, build_eval_context, evaluate_model, format_results,
                       write_results)
@@ -46,6 +54,7 @@ class TrainingError(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FlagError, TrainingError)
+LOST_PEER_EXIT = 1          # exit code after another process of the job died or hung
 
 
 def main(argv=None, exiting=False):
@@ -62,6 +71,16 @@ def main(argv=None, exiting=False):
     except KeyboardInterrupt:       # Ctrl-C outside the training loop (e.g. in the final test)
         print("interrupted; checkpoints already written are complete", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as error:      # noqa: BLE001 - only a lost peer is turned into one line
+        reason = lost_peer_reason(error)
+        if reason is None:
+            raise
+        print(f"error: rank {os.environ.get('RANK', '0')}: {reason}; leaving so that torchrun can restart "
+              "the workers (they continue from the run's last.pt)", file=sys.stderr, flush=True)
+        return LOST_PEER_EXIT
+    finally:
+        if exiting and dist.is_initialized():
+            dist.destroy_process_group()    # a gloo group left to the interpreter's exit can abort it
     return 0
 
 
@@ -83,18 +102,28 @@ def train(cfg, resume=None, exiting=False):
     ranks agree, last.pt is saved, Interrupted is raised); the previous signal handlers are back when
     this returns or raises, and before the final test, which a Ctrl-C interrupts at once. exiting=True
     (the command line): after a signal stop they stay ignored instead, so a SIGTERM that torchrun
-    sends to ranks still exiting cannot turn their exit code 128 + signal into death by signal."""
+    sends to ranks still exiting cannot turn their exit code 128 + signal into death by signal.
+
+    Under torchrun, a start of the workers after the first one in the same job continues the run
+    folder's last.pt whatever `resume` says (see elastic_resume)."""
+    validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     context = setup_distributed(cfg)
-    validate_config(cfg, context.world_size)
     if cfg["run"]["num_threads"]:
         torch.set_num_threads(int(cfg["run"]["num_threads"]))
     if cfg["run"]["deterministic"]:
         torch.use_deterministic_algorithms(True)
     run_dir = os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
+    resume, restarted = elastic_resume(resume, run_dir, context)
     checkpoint = resume_checkpoint(resume, run_dir, cfg)
-    saved_rng = rank_rng_state(checkpoint, context, resume, run_dir) if checkpoint else None
-
+    check_same_checkpoint(checkpoint, context, run_dir)
+    saved_rng = rank_rng_state(checkpoint, context)
     if context.is_main:
+        report_continuation(checkpoint, restarted, context, run_dir)
+        if checkpoint or restarted:
+            trim_log(os.path.join(run_dir, "log.jsonl"), checkpoint["state"] if checkpoint else None)
+    context.mark_run_started(run_dir)
+
+    if context.local_rank == 0:         # one per node: nodes need not share the data folder
         prepare_data(cfg["data"])
     context.barrier()
     vocab = checkpoint["vocab"] if checkpoint else make_vocabulary(cfg)
@@ -113,7 +142,12 @@ def train(cfg, resume=None, exiting=False):
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_rsum": -math.inf}
     if checkpoint:
         state = restore_state(checkpoint, model, optimizer, scheduler, scaler)
-    seed_everything(cfg["run"]["seed"] + context.rank, restore=saved_rng, loader=train_loader)
+    if checkpoint and saved_rng is None:    # written by another number of processes: fresh streams per rank
+        stream = derive_seed(cfg["run"]["seed"], state["global_step"], context.world_size, context.rank)
+        seed_everything(stream)
+        train_loader.generator.manual_seed(stream)
+    else:
+        seed_everything(cfg["run"]["seed"] + context.rank, restore=saved_rng, loader=train_loader)
     trainer = model
     if context.world_size > 1:
         # device_ids=None: move_to already put the batch on this process's device, and DDP must not
@@ -153,6 +187,7 @@ def train_epochs(cfg, context, state, stop, save, trainer, model, optimizer, sch
     log = JsonlLog(os.path.join(run_dir, "log.jsonl")) if context.is_main else None
     steps_this_invocation = 0
     stop_after = cfg["train"]["stop_after_steps"]
+    checkpoint_every = cfg["train"]["checkpoint_every"] or 0
     started = time.time()
 
     for epoch in range(state["epoch"], cfg["train"]["epochs"]):
@@ -181,6 +216,11 @@ def train_epochs(cfg, context, state, stop, save, trainer, model, optimizer, sch
                 if stopping:
                     stop_by_signal(stop, context, exiting, f"epoch {epoch + 1} step {state['step']}", run_dir)
                 return False
+            # A step checkpoint: what a worker killed without warning loses; the epoch's last step is
+            # saved with the epoch just below.
+            if checkpoint_every and state["global_step"] % checkpoint_every == 0 and state["step"] < steps_per_epoch:
+                raise_if_diverged(running, epoch, state, run_dir)
+                save("last.pt", state)
         raise_if_diverged(running, epoch, state, run_dir)
         state["epoch"], state["step"] = epoch + 1, 0
         summary = {"epoch": epoch + 1, "train": running.means(), "time_s": round(time.time() - started, 1)}
@@ -368,20 +408,78 @@ def rng_state(loader_state=None):
             "loader": loader_state}
 
 
-def rank_rng_state(checkpoint, context, resume, run_dir):
-    """This rank's RNG states from a checkpoint; a checkpoint written by another number of processes
-    stops the run (a rank's dropout masks and batch shard depend on the count, so the run could not
-    continue exactly)."""
-    path = os.path.join(run_dir, "last.pt") if resume == "auto" else resume
+def rank_rng_state(checkpoint, context):
+    """This rank's RNG states from a checkpoint, or None: for a fresh run, and for a checkpoint written
+    by another number of processes (the ranks then get new streams, see train)."""
+    if checkpoint is None or checkpoint.get("world_size", 1) != context.world_size:
+        return None
     states = checkpoint.get("rng")
     states = states if isinstance(states, list) else [states]     # version 1: rank 0's states only
-    written_by = checkpoint.get("world_size", 1)
-    if written_by != context.world_size:
-        raise CheckpointError(
-            f"{path} was written by {written_by} process(es) and this run has {context.world_size}: resume "
-            f"with {written_by} (torchrun --nproc_per_node={written_by}); each process continues from its own "
-            "RNG state and batch shard, so another count cannot continue the run exactly")
     return states[context.rank]
+
+
+def elastic_resume(resume, run_dir, context):
+    """(resume, restarted): under torchrun, a start of the workers that is not the job's first (the
+    agent restarted them after a failure, or a node joined or left) continues <run_dir>/last.pt when
+    it exists, whatever --resume says, since the agent repeats the first command line. Such a start is
+    seen by TORCHELASTIC_RESTART_COUNT > 0 on any rank, or by the job's store, which outlives the
+    workers and holds a mark from every run that started training in it (a membership change does
+    not count as a restart)."""
+    if context.job_store is None:
+        return resume, False
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or \
+        context.job_store.check([run_started_key(run_dir)])
+    if not context.any_rank(restarted):     # every rank looked before any rank marks the run started
+        return resume, False
+    return ("auto" if os.path.exists(os.path.join(run_dir, "last.pt")) else resume), True
+
+
+def run_started_key(run_dir):
+    return f"maxmatch/started/{os.path.abspath(run_dir)}"
+
+
+def check_same_checkpoint(checkpoint, context, run_dir):
+    """Every rank must continue from the same step: they each read <run_dir>, which must be one
+    folder shared by all nodes."""
+    step = checkpoint["state"]["global_step"] if checkpoint else -1
+    low, high = context.min_max(step)
+    if low != high:
+        raise CheckpointError(f"the processes found different checkpoints in {run_dir} (global steps {low} "
+                              f"to {high}; -1: none): every node must see the same run folder, so put "
+                              "run.out_dir on a file system all nodes share")
+
+
+def report_continuation(checkpoint, restarted, context, run_dir):
+    """One line when a run continues (after a torchrun restart, or with another process count)."""
+    if restarted and checkpoint is None:
+        print(f"torchrun started the workers again: {run_dir} has no last.pt yet, so the run starts from "
+              "the beginning", flush=True)
+    if checkpoint is None:
+        return
+    state, written_by = checkpoint["state"], checkpoint.get("world_size", 1)
+    where = (f"epoch {state['epoch'] + 1} step {state['step']} (global step {state['global_step']}) "
+             f"with {context.world_size} process(es)")
+    if written_by != context.world_size:
+        where += (f", written by {written_by}: the same global batch and sample order, new dropout streams "
+                  "and BatchNorm batches (not bit-identical)")
+    prefix = "torchrun started the workers again: continuing" if restarted else "continuing"
+    print(f"{prefix} {run_dir}/last.pt at {where}", flush=True)
+
+
+def trim_log(path, state):
+    """Drop the log.jsonl lines written after the checkpoint being continued (all when None): the
+    steps they describe run again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    kept = [r for r in records if state is not None and (
+        r["global_step"] <= state["global_step"] if "global_step" in r else r["epoch"] <= state["epoch"])]
+    if len(kept) < len(records):
+        temporary = f"{path}.tmp{os.getpid()}"
+        with open(temporary, "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in kept)
+        os.replace(temporary, path)
 
 
 def synchronise_batchnorm(model, cfg, context):
@@ -505,12 +603,31 @@ class RunningMean:
 
 
 class DistributedContext:
-    """Rank, world size and device of this process, plus gather/barrier that are no-ops alone."""
+    """Rank, world size and device of this process, plus gather/barrier that are no-ops alone.
+    `job_store`: under torchrun, the launcher's key-value store, which lives as long as the job."""
 
-    def __init__(self, rank, world_size, device, host_group=None):
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, rank, world_size, device, host_group=None, local_rank=0, job_store=None):
+        self.rank, self.world_size, self.device, self.local_rank = rank, world_size, device, local_rank
         self.is_main = rank == 0
         self.host_group = host_group    # a gloo group for small host-side collectives (None: the default)
+        self.job_store = job_store
+
+    def any_rank(self, flag):
+        """True on every rank when `flag` is true on any rank."""
+        return self.min_max(int(bool(flag)))[1] == 1
+
+    def min_max(self, value):
+        """(smallest, largest) of an integer over the ranks, on every rank."""
+        if self.world_size == 1:
+            return value, value
+        values = torch.tensor([-value, value], dtype=torch.int64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.host_group)
+        return -int(values[0]), int(values[1])
+
+    def mark_run_started(self, run_dir):
+        """Tell later starts of the workers in this job that this run is under way (see elastic_resume)."""
+        if self.job_store is not None and self.is_main:
+            self.job_store.set(run_started_key(run_dir), "1")
 
     def gather_objects(self, obj):
         """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, host side)."""
@@ -571,11 +688,70 @@ def setup_distributed(cfg):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=cfg["run"]["dist_timeout_s"])
+    job_store = None
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        job_store = join_process_group("nccl" if use_cuda else "gloo", rank, world_size, timeout)
+    elif world_size == 1 and "TORCHELASTIC_RUN_ID" in os.environ:    # torchrun with one process: no group
+        job_store = next(dist.rendezvous("env://", 0, 1, timeout=timeout))[0]
     # NCCL runs: stop flags and RNG states travel through a gloo group, so the host never waits on the GPU
-    host_group = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
-    return DistributedContext(rank, world_size, device, host_group)
+    host_group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 and use_cuda else None
+    return DistributedContext(rank, world_size, device, host_group, local_rank, job_store)
+
+
+def join_process_group(backend, rank, world_size, timeout):
+    """init_process_group through torchrun's store (MASTER_ADDR:MASTER_PORT), under a key prefix that
+    is new at every start of the workers; returns that store.
+
+    torchrun's agent keeps one store for the whole job, so the keys a process group writes while it
+    connects (each rank's address) outlive the workers. Workers started again after a failure read
+    the dead ones' addresses there and wait for them (static rendezvous) or are refused (c10d). Rank 0
+    therefore draws a new attempt id for every start, and the other ranks take it only after rank 0
+    has echoed a token each of them wrote under it: an id left in the store by an earlier start has
+    no live rank 0 to answer."""
+    store = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))[0]
+    attempt = agree_on_attempt(store, rank, world_size, timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"maxmatch/attempt/{attempt}/", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
+    return store
+
+
+def agree_on_attempt(store, rank, world_size, timeout, poll_s=0.02):
+    """The attempt id that rank 0 of THIS start of the workers drew (see join_process_group)."""
+    current = "maxmatch/attempt"
+    if rank == 0:
+        attempt = uuid.uuid4().hex
+        store.set(current, attempt)
+        tokens = [f"maxmatch/attempt/{attempt}/token/{other}" for other in range(1, world_size)]
+        store.wait(tokens, timeout)
+        for other, key in enumerate(tokens, start=1):
+            store.set(f"maxmatch/attempt/{attempt}/echo/{other}", store.get(key))
+        return attempt
+    token, attempt = uuid.uuid4().hex.encode(), None
+    deadline = time.monotonic() + timeout.total_seconds()
+    while time.monotonic() < deadline:
+        latest = store.get(current).decode() if store.check([current]) else None
+        if latest is not None and latest != attempt:    # a new id (or the first seen): hand in our token
+            attempt = latest
+            store.set(f"maxmatch/attempt/{attempt}/token/{rank}", token)
+        echo = f"maxmatch/attempt/{attempt}/echo/{rank}"
+        if attempt is not None and store.check([echo]) and store.get(echo) == token:
+            return attempt
+        time.sleep(poll_s)
+    raise dist.DistStoreError(f"rank 0 did not answer within run.dist_timeout_s={timeout.total_seconds():g} s "
+                              "while the processes connected")
+
+
+def lost_peer_reason(error):
+    """What happened, in one line, when `error` comes from a collective or the store (a peer died,
+    hung past run.dist_timeout_s, or never connected); None for any other error."""
+    text = str(error)
+    if not isinstance(error, dist.DistError) and "gloo/transport" not in text:
+        return None
+    detail = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail  # "[file.cc:561] "
+    detail = detail.split(". This is typically")[0]
+    return f"another process of the job died or hung ({detail[:200]})"
 
 
 def count_parameters(model):

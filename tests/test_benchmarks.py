@@ -1,5 +1,5 @@
 """benchmarks/: the ablation script's quick mode end to end, its table arithmetic, and the
-training-step speed benchmark on a tiny config."""
+training-step speed and checkpoint cost benchmarks on tiny configs."""
 import csv
 import json
 import math
@@ -171,3 +171,14 @@ def test_similarity_bench_ranking_part_prints_every_row_with_the_exact_fraction(
         if "max_pair ranks" in line:
             exact = float(line.split("|")[5].split("%")[0])
             assert 0 < exact <= 100
+
+
+def test_checkpoint_cost_benchmark_writes_last_pt_and_prints_its_size_and_seconds():
+    result = run_script(["benchmarks/checkpoint_cost.py", "--configs", "tiny", "config.yaml", "--repeats", "1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| tiny") or
+            line.startswith("| config.yaml")]
+    assert [row[0].strip() for row in rows] == ["tiny", "config.yaml"]
+    for _, parameters, size, seconds, overhead in rows:
+        assert float(size) > 0 and float(seconds) > 0 and overhead.strip().endswith("%")
+    assert float(rows[0][2]) < float(rows[1][2])       # the tiny model's file is the smaller

@@ -1,0 +1,362 @@
+"""Continuing a run under torchrun's elastic agent, on the default path (ResNet + BiGRU, random crops,
+token drop) at tiny size with 2 gloo processes on the CPU: exact resume mid-epoch, a worker killed
+without warning and started again by the agent (static and c10d rendezvous), a hung peer, a run
+continued with another number of processes, and two launchers acting as two nodes.
+
+Every multi-process run has a time limit (see test_distributed.torchrun); the repeated kills that
+show the restart is reliable are `benchmarks/elastic_stress.py`."""
+import collections
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import train
+from model import load_checkpoint
+from test_distributed import REPO, RUN_LIMIT_S, kill_job, shapes_overrides, shapes_root, start_torchrun, torchrun, worker_pid  # noqa: F401
+from test_train import assert_same_weights, weights
+
+EXACT = ["run.deterministic=true"]          # dropout 0.1 on; 6 steps/epoch x 2 epochs = 12 steps
+# Runs continued with another number of processes are compared with one process on the weights too:
+# no dropout, BatchNorm on running statistics, SGD (see test_distributed.SAME_GLOBAL_BATCH).
+COMPARABLE = ["model.dropout=0.0", "model.image.batchnorm=frozen", "train.optimizer=sgd", "train.lr=0.1"]
+RESTARTS = ["--nproc_per_node=2", "--max-restarts=2"]
+RECORDER = """import os, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import train
+from test_elastic import record_samples
+train.set_loader_epoch, train.training_step = record_samples(train, {out!r})
+sys.exit(train.main(sys.argv[1:], exiting=True))
+"""
+
+
+@pytest.fixture(scope="module")
+def left_alone(tmp_path_factory, shapes_root):
+    """last.pt of the 2-process run that nothing interrupts (torchrun --standalone)."""
+    tmp_path = tmp_path_factory.mktemp("left_alone")
+    result = torchrun(shapes_overrides(tmp_path, shapes_root, "straight") + EXACT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "runs" / "straight" / "last.pt"
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def test_two_process_run_resumed_mid_epoch_reaches_the_weights_of_the_run_left_alone(tmp_path, shapes_root,
+                                                                                   left_alone):
+    base = shapes_overrides(tmp_path, shapes_root, "resumed") + EXACT
+    stopped = torchrun(base + ["train.stop_after_steps=8"])
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    checkpoint = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))
+    assert (checkpoint["state"]["epoch"], checkpoint["state"]["step"]) == (1, 2)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])   # each rank its own
+    resumed = torchrun(base + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing" in resumed.stdout and "global step 8) with 2 process(es)" in resumed.stdout
+    assert_same_weights(weights(left_alone), weights(tmp_path / "runs" / "resumed" / "last.pt"))
+    straight_rng = load_checkpoint(str(left_alone))["rng"]
+    resumed_rng = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))["rng"]
+    for rank in (0, 1):      # every RNG ends where the uninterrupted run's did, the loader's generator too
+        for name in ("torch", "loader"):
+            assert torch.equal(straight_rng[rank][name], resumed_rng[rank][name]), (rank, name)
+        assert straight_rng[rank]["python"] == resumed_rng[rank]["python"]
+
+
+# ----------------------------------------------------------------------------- a worker dies
+
+@pytest.mark.parametrize("checkpoint_every, rendezvous, continued_from", [
+    (2, "static", "epoch 2 step 2 (global step 8)"),     # the step checkpoint before the kill
+    (0, "c10d", "epoch 2 step 0 (global step 6)"),       # epoch ends only: the end of epoch 1
+])
+def test_a_worker_killed_without_warning_is_started_again_by_torchrun_and_the_run_ends_as_if_left_alone(
+        tmp_path, shapes_root, left_alone, checkpoint_every, rendezvous, continued_from):
+    """SIGKILL to rank 1 once step 9 (of 6 per epoch) is logged; the same command line, no --resume."""
+    args = shapes_overrides(tmp_path, shapes_root, "killed") + EXACT + [f"train.checkpoint_every={checkpoint_every}"]
+    result = run_and_kill(args, rendezvous_arguments(rendezvous) + RESTARTS, tmp_path / "runs" / "killed",
+                          at_global_step=9)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"torchrun started the workers again: continuing {tmp_path}/runs/killed/last.pt at {continued_from}" \
+        in result.stdout
+    # the survivor left with one line instead of a traceback
+    assert "error: rank 0: another process of the job died or hung" in result.stderr
+    assert 'train.py", line' not in result.stderr
+    assert_same_weights(weights(left_alone), weights(tmp_path / "runs" / "killed" / "last.pt"))   # bit for bit
+    logged = [json.loads(line).get("global_step") for line in (tmp_path / "runs" / "killed" / "log.jsonl").open()]
+    assert [step for step in logged if step] == list(range(1, 13))     # the redone steps are logged once
+
+
+def test_a_survivor_of_a_hung_peer_leaves_within_the_timeout_with_one_line(tmp_path, shapes_root):
+    """SIGSTOP to rank 1 (a hung peer: its sockets stay open, so only the timeout can tell)."""
+    args = shapes_overrides(tmp_path, shapes_root, "hung") + ["train.epochs=1000", "run.dist_timeout_s=5"]
+    process = start_torchrun(args, ["--standalone", "--nproc_per_node=2", "--max-restarts=0"])
+    lines = LineReader(process.stderr)
+    try:
+        wait_for_logged_step(process, tmp_path / "runs" / "hung" / "log.jsonl", 3)
+        hung = worker_pid(process.pid, rank=1)
+        os.kill(hung, signal.SIGSTOP)
+        stopped = time.time()
+        line = lines.first(lambda text: text.startswith("error:"), timeout=60)
+        left_after = time.time() - stopped
+        os.kill(hung, signal.SIGCONT)        # so that it can take torchrun's SIGTERM
+        process.wait(timeout=60)
+    except (AssertionError, subprocess.TimeoutExpired):
+        kill_job(process)
+        raise
+    assert 4.5 < left_after < 20, left_after
+    assert line.startswith("error: rank 0: another process of the job died or hung (Timed out waiting 5000ms")
+    assert process.returncode != 0
+    assert 'train.py", line' not in "".join(lines.lines)
+
+
+# ----------------------------------------------------------------------------- membership changes
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_continued_with_another_number_of_processes_trains_on_every_sample_once_to_the_same_step(
+        tmp_path, shapes_root, monkeypatch, capsys, before, after):
+    """Stopped after 5 of 12 steps (mid-epoch 1) with `before` processes, continued with `after`; the
+    uninterrupted run has one process."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    base = shapes_overrides(tmp_path, shapes_root, "run") + COMPARABLE
+
+    def run(processes, args, out):
+        os.makedirs(out, exist_ok=True)
+        if processes == 1:
+            with monkeypatch.context() as patch:
+                recorded = record_samples(train, out)
+                patch.setattr(train, "set_loader_epoch", recorded[0])
+                patch.setattr(train, "training_step", recorded[1])
+                assert train.main(args) == 0
+            return capsys.readouterr().out
+        script = tmp_path / "record.py"
+        script.write_text(RECORDER.format(repo=REPO, tests=os.path.dirname(__file__), out=str(out)))
+        result = torchrun(args, script=str(script))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run(1, base + ["run.name=straight"], samples / "straight")
+    run(before, base + ["run.name=continued", "train.stop_after_steps=5"], samples / "continued")
+    stdout = run(after, base + ["run.name=continued", "--resume", "auto"], samples / "continued")
+    assert (f"continuing {tmp_path}/runs/continued/last.pt at epoch 1 step 5 (global step 5) with {after} "
+            f"process(es), written by {before}") in stdout
+    straight = load_checkpoint(str(tmp_path / "runs" / "straight" / "last.pt"))
+    continued = load_checkpoint(str(tmp_path / "runs" / "continued" / "last.pt"))
+    assert continued["state"]["global_step"] == straight["state"]["global_step"] == 12
+    assert continued["world_size"] == after and len(continued["rng"]) == after
+    assert recorded_samples(samples / "continued") == recorded_samples(samples / "straight")
+    assert sum(recorded_samples(samples / "straight").values()) == 12 * 8          # 12 steps of 8 images
+    # floating-point sums split another way: far below what one batch more or less would move
+    assert_same_weights(straight["model"], continued["model"], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- several nodes
+
+def test_two_launchers_as_two_nodes_reach_the_weights_of_one_launcher_with_two_processes(tmp_path, shapes_root,
+                                                                                    left_alone):
+    """`torchrun --nnodes=2 --nproc_per_node=1` twice, c10d rendezvous on loopback, one run folder."""
+    args = shapes_overrides(tmp_path, shapes_root, "nodes") + EXACT
+    launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                "--rdzv-id=two-nodes"]
+    nodes = [start_torchrun(args, launcher) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=RUN_LIMIT_S) for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            kill_job(node)
+        pytest.fail("two launchers did not finish")
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert_same_weights(weights(left_alone), weights(tmp_path / "runs" / "nodes" / "last.pt"))
+
+
+def test_nodes_that_do_not_share_the_run_folder_stop_with_one_line_instead_of_training_apart(tmp_path, shapes_root,
+                                                                                            left_alone):
+    """Two launchers as nodes 0 and 1 (static rendezvous), each with its own run.out_dir; only node
+    0's holds last.pt, as after a restart on nodes without a shared file system."""
+    port = free_port()
+    nodes = []
+    for node in (0, 1):
+        args = shapes_overrides(tmp_path / f"node{node}", shapes_root, "run") + EXACT + ["--resume", "auto"]
+        if node == 0:
+            os.makedirs(tmp_path / "node0" / "runs" / "run")
+            shutil.copy(left_alone, tmp_path / "node0" / "runs" / "run" / "last.pt")
+        nodes.append(start_torchrun(args, ["--nnodes=2", f"--node-rank={node}", "--nproc_per_node=1",
+                                           "--master-addr=127.0.0.1", f"--master-port={port}"]))
+    try:
+        outputs = [node.communicate(timeout=RUN_LIMIT_S) for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            kill_job(node)
+        pytest.fail("the launchers did not stop")
+    errors = [line for _, stderr in outputs for line in stderr.splitlines() if line.startswith("error:")]
+    assert all(node.returncode != 0 for node in nodes)
+    assert errors and all("found different checkpoints" in line and "global steps -1 to 12" in line and
+                          "run.out_dir" in line for line in errors), errors
+    assert not (tmp_path / "node1" / "runs" / "run" / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------- pieces, in one process
+
+def test_workers_started_again_ignore_the_attempt_id_that_dead_workers_left_in_the_store():
+    """The store outlives the workers; rank 1 of the new start reads the old id first and must not
+    connect under it. A HashStore shared by threads stands in for torchrun's TCPStore."""
+    store = dist.HashStore()
+    store.set("maxmatch/attempt", "left-by-the-dead")
+    store.set("maxmatch/attempt/left-by-the-dead/echo/1", "an old token")
+    timeout = datetime.timedelta(seconds=30)
+    agreed = {}
+
+    def join(rank):
+        agreed[rank] = train.agree_on_attempt(store, rank, 3, timeout, poll_s=0.005)
+    others = [threading.Thread(target=join, args=(rank,)) for rank in (1, 2)]
+    for thread in others:
+        thread.start()
+    time.sleep(0.2)          # ranks 1 and 2 have seen the old id before rank 0 starts
+    join(0)
+    for thread in others:
+        thread.join(timeout=30)
+    assert agreed[0] != "left-by-the-dead" and agreed == {0: agreed[0], 1: agreed[0], 2: agreed[0]}
+
+
+def test_an_attempt_without_rank_0_ends_with_a_store_error_naming_the_timeout():
+    store = dist.HashStore()
+    with pytest.raises(dist.DistStoreError, match="run.dist_timeout_s=0.2"):
+        train.agree_on_attempt(store, 1, 2, datetime.timedelta(seconds=0.2))
+    assert train.lost_peer_reason(dist.DistStoreError("rank 0 did not answer")) == \
+        "another process of the job died or hung (rank 0 did not answer)"
+    assert train.lost_peer_reason(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_a_start_in_a_job_whose_store_saw_the_run_continues_it_whatever_resume_says(tmp_path, monkeypatch):
+    """A node joining or leaving restarts the workers with TORCHELASTIC_RESTART_COUNT=0: the job's store
+    tells that start from the job's first."""
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    context = train.DistributedContext(0, 1, torch.device("cpu"), job_store=dist.HashStore())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"")
+    assert train.elastic_resume(None, str(run_dir), context) == (None, False)       # the job's first start
+    context.mark_run_started(str(run_dir))
+    assert train.elastic_resume(None, str(run_dir), context) == ("auto", True)
+    assert train.elastic_resume("elsewhere/best.pt", str(run_dir), context) == ("auto", True)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    fresh = train.DistributedContext(0, 1, torch.device("cpu"), job_store=dist.HashStore())
+    assert train.elastic_resume(None, str(run_dir), fresh) == ("auto", True)
+    (run_dir / "last.pt").unlink()                  # died before its first checkpoint: starts over
+    assert train.elastic_resume(None, str(run_dir), fresh) == (None, True)
+
+
+def test_continuing_drops_the_log_lines_of_the_steps_that_run_again(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [{"epoch": 0, "step": 1, "global_step": 1}, {"epoch": 0, "step": 2, "global_step": 2},
+               {"epoch": 1, "train": {}}, {"epoch": 1, "step": 1, "global_step": 3},
+               {"epoch": 1, "step": 2, "global_step": 4}, {"epoch": 2, "train": {}}]
+    log.write_text("".join(json.dumps(record) + "\n" for record in records))
+    train.trim_log(str(log), {"epoch": 1, "step": 1, "global_step": 3})
+    assert [json.loads(line) for line in log.open()] == records[:4]
+    train.trim_log(str(log), None)
+    assert log.read_text() == ""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def record_samples(train_module, out_dir):
+    """Replacements for train's set_loader_epoch and training_step that append every trained batch's
+    (epoch, image indices) to <out_dir>/samples.<pid>.jsonl."""
+    set_loader_epoch, training_step = train_module.set_loader_epoch, train_module.training_step
+    epoch = [None]
+
+    def recording_set_loader_epoch(loader, number, start_batch=0):
+        epoch[0] = number
+        return set_loader_epoch(loader, number, start_batch)
+
+    def recording_training_step(trainer, batch, *args):
+        with open(os.path.join(out_dir, f"samples.{os.getpid()}.jsonl"), "a") as handle:
+            handle.write(json.dumps([epoch[0], batch["image_ids"].tolist()]) + "\n")
+        return training_step(trainer, batch, *args)
+    return recording_set_loader_epoch, recording_training_step
+
+
+def recorded_samples(out_dir):
+    """Counter of (epoch, image index) over every process's record in out_dir."""
+    counts = collections.Counter()
+    for name in os.listdir(out_dir):
+        for line in open(os.path.join(out_dir, name)):
+            epoch, indices = json.loads(line)
+            counts.update((epoch, index) for index in indices)
+    return counts
+
+
+def rendezvous_arguments(kind):
+    if kind == "static":      # torchrun's default rendezvous: a fixed master port
+        return ["--nnodes=1", f"--master-port={free_port()}"]
+    return ["--standalone"]   # c10d rendezvous on a free local port
+
+
+def run_and_kill(args, launcher, run_dir, at_global_step, rank=1):
+    """torchrun `launcher` train.py `args`; SIGKILL to the worker of `rank` once log.jsonl shows
+    `at_global_step`; the CompletedProcess of the whole job."""
+    process = start_torchrun(args, launcher)
+    try:
+        wait_for_logged_step(process, run_dir / "log.jsonl", at_global_step)
+        os.kill(worker_pid(process.pid, rank), signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=RUN_LIMIT_S)
+    except (AssertionError, subprocess.TimeoutExpired):
+        kill_job(process)
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def wait_for_logged_step(process, log, global_step, timeout=RUN_LIMIT_S):
+    deadline = time.time() + timeout
+    while logged_step(log) < global_step:
+        assert process.poll() is None, "the job ended before the step"
+        assert time.time() < deadline, f"step {global_step} was not logged within {timeout} s"
+        time.sleep(0.01)
+
+
+def logged_step(log):
+    try:
+        with open(log) as handle:
+            return max([json.loads(line).get("global_step", 0) for line in handle if line.endswith("\n")] or [0])
+    except FileNotFoundError:
+        return 0
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LineReader:
+    """Reads a pipe line by line in a thread, so a test can wait for a line with a time limit."""
+
+    def __init__(self, pipe):
+        self.lines, self.condition = [], threading.Condition()
+        threading.Thread(target=self.read, args=(pipe,), daemon=True).start()
+
+    def read(self, pipe):
+        for line in pipe:
+            with self.condition:
+                self.lines.append(line)
+                self.condition.notify_all()
+
+    def first(self, wanted, timeout):
+        deadline = time.time() + timeout
+        with self.condition:
+            while True:
+                found = [line for line in self.lines if wanted(line)]
+                if found:
+                    return found[0]
+                assert time.time() < deadline, "no such line within the time limit"
+                self.condition.wait(timeout=0.1)
