@@ -349,8 +349,8 @@ def build_trained_model(cfg, checkpoint, device=None):
     checkpoint, so no download or word-vector file is needed."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg["run"]["device"] != "cpu" else "cpu"))
     tokenizer = build_text_tokenizer(cfg["model"]["text"], checkpoint.get("vocab"))
-    build_cfg = apply_overrides(cfg, ["model.image.weights=null", "model.text.word_vectors=null"])
-    model = build_model(build_cfg, checkpoint.get("vocab"))
+    without_initial_weights = apply_overrides(cfg, ["model.image.weights=null", "model.text.word_vectors=null"])
+    model = build_model(without_initial_weights, checkpoint.get("vocab"))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
