@@ -233,7 +233,7 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, index):
         rng = _item_rng(self.seed, self.epoch, index) if self.train else None
-        pixels = self.transform(_open_image(self.paths[index]), rng)  # (3, S, S)
+        pixels = self.transform(open_image(self.paths[index]), rng)  # (3, S, S)
         return {"image": pixels, "index": index,
                 "captions": _encode_captions(self.captions[index], self.captions_per_image, self.tokenizer,
                                              rng, self.token_drop)}
@@ -258,6 +258,18 @@ class ImageTransform:
         else:
             image = functional.center_crop(functional.resize(image, self.image_size, antialias=True), size)
         return functional.normalize(functional.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def open_image(path):
+    """The image file as a PIL RGB image; a missing or unreadable file raises DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path} (check data.image_dir / data.root)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image file {path}: {type(error).__name__}: {error} "
+                        "(replace or re-download it)") from None
 
 
 class PrecomputedDataset(Dataset):
@@ -301,28 +313,36 @@ class PrecomputedDataset(Dataset):
 def collate_batch(items, pad_id):
     """Stack B items: images (B,3,H,W) or regions (B,Nmax,F)+region_lengths; tokens (B*C, Lmax) image-major,
     lengths, image_ids, caption_image_ids, and caption_order (indices sorting the captions longest first)."""
-    batch = {}
-    if "image" in items[0]:
-        batch["images"] = torch.stack([item["image"] for item in items])  # (B, 3, H, W)
-    else:
-        lengths = torch.tensor([item["regions"].shape[0] for item in items], dtype=torch.long)  # (B,)
-        regions = items[0]["regions"].new_zeros(len(items), int(lengths.max()), items[0]["regions"].shape[1])
-        for row, item in enumerate(items):
-            regions[row, :item["regions"].shape[0]] = item["regions"]
-        batch["regions"], batch["region_lengths"] = regions, lengths  # (B, Nmax, F), (B,)
+    batch = collate_images(items)
     captions = [ids for item in items for ids in item["captions"]]  # B*C, image-major
-    lengths = torch.tensor([len(ids) for ids in captions], dtype=torch.long)  # (B*C,)
-    tokens = torch.full((len(captions), int(lengths.max())), pad_id, dtype=torch.long)  # (B*C, Lmax)
-    for row, ids in enumerate(captions):
-        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     image_ids = torch.tensor([item["index"] for item in items], dtype=torch.long)  # (B,)
     per_image = torch.tensor([len(item["captions"]) for item in items])
-    # Captions stay image-major; caption_order sorts them longest first (a GRU packs with it, so
-    # it moves to the device with the batch instead of being uploaded at every step).
-    batch.update(tokens=tokens, lengths=lengths, image_ids=image_ids,
-                 caption_image_ids=image_ids.repeat_interleave(per_image),  # (B*C,)
-                 caption_order=lengths.argsort(descending=True, stable=True))  # (B*C,)
+    batch.update(collate_captions(captions, pad_id), image_ids=image_ids,
+                 caption_image_ids=image_ids.repeat_interleave(per_image))  # (B*C,)
     return batch
+
+
+def collate_images(items):
+    """The image half of a batch: {'images': (B,3,H,W)} from items with 'image', or
+    {'regions': (B,Nmax,F) zero-padded, 'region_lengths': (B,)} from items with 'regions'."""
+    if "image" in items[0]:
+        return {"images": torch.stack([item["image"] for item in items])}  # (B, 3, H, W)
+    lengths = torch.tensor([item["regions"].shape[0] for item in items], dtype=torch.long)  # (B,)
+    regions = items[0]["regions"].new_zeros(len(items), int(lengths.max()), items[0]["regions"].shape[1])
+    for row, item in enumerate(items):
+        regions[row, :item["regions"].shape[0]] = item["regions"]
+    return {"regions": regions, "region_lengths": lengths}  # (B, Nmax, F), (B,)
+
+
+def collate_captions(captions, pad_id):
+    """The caption half of a batch from token id lists: tokens (M, Lmax) padded with pad_id, lengths (M,)
+    and caption_order, the indices sorting the captions longest first (a GRU packs with it, so it moves
+    to the device with the batch instead of being uploaded at every step); the captions keep their order."""
+    lengths = torch.tensor([len(ids) for ids in captions], dtype=torch.long)  # (M,)
+    tokens = torch.full((len(captions), int(lengths.max())), pad_id, dtype=torch.long)  # (M, Lmax)
+    for row, ids in enumerate(captions):
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return {"tokens": tokens, "lengths": lengths, "caption_order": lengths.argsort(descending=True, stable=True)}
 
 
 class ShardedBatchSampler(Sampler):
@@ -457,17 +477,6 @@ def _random_resized_crop_box(image_size, scale, ratio, rng):
     else:
         crop_w, crop_h = width, height
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
-
-
-def _open_image(path):
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path} (check data.image_dir / data.root)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image file {path}: {type(error).__name__}: {error} "
-                        "(replace or re-download it)") from None
 
 
 def _karpathy_path(data_cfg):

@@ -337,15 +337,25 @@ def write_results(results, path):
 
 def build_eval_context(cfg, checkpoint, split, device=None):
     """Model (weights from the checkpoint), eval loader and device for evaluating `split`."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg["run"]["device"] != "cpu" else "cpu"))
     prepare_data(cfg["data"])
+    model, tokenizer, device = build_trained_model(cfg, checkpoint, device)
+    return model, build_loader(cfg, split, tokenizer, train=False), device
+
+
+def build_trained_model(cfg, checkpoint, device=None):
+    """The checkpoint's model in eval mode on `device` (default: CUDA when present, unless run.device
+    is cpu), its tokenizer, and the device. Needs no dataset. The model is built without its
+    initial weights (model.image.weights, model.text.word_vectors): every weight comes from the
+    checkpoint, so no download or word-vector file is needed."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg["run"]["device"] != "cpu" else "cpu"))
     tokenizer = build_text_tokenizer(cfg["model"]["text"], checkpoint.get("vocab"))
-    model = build_model(cfg, checkpoint.get("vocab"))
+    without_initial_weights = apply_overrides(cfg, ["model.image.weights=null", "model.text.word_vectors=null"])
+    model = build_model(without_initial_weights, checkpoint.get("vocab"))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint weights do not fit the model of its config ({str(error)[:200]})") from None
-    return model.to(device), build_loader(cfg, split, tokenizer, train=False), device
+    return model.to(device).eval(), tokenizer, device
 
 
 def format_results(results, title=""):
@@ -423,15 +433,15 @@ def figures_request(args):
     return functools.partial(write_figures, args.figures, count=args.figures_count, title=args.ckpt[0])
 
 
-def check_out_request(path):
-    """Raise FlagError unless a file can be written where --out points, before any evaluation."""
+def check_out_request(path, flag="--out", kind="JSON"):
+    """Raise FlagError unless a file can be written where `flag` points, before any evaluation."""
     if os.path.isdir(path):
-        raise FlagError(f"--out {path!r} is a folder; give a JSON file name")
+        raise FlagError(f"{flag} {path!r} is a folder; give a {kind} file name")
     try:
         with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
             pass
     except OSError as error:
-        raise FlagError(f"--out {path!r} cannot be written ({error.strerror or error})") from None
+        raise FlagError(f"{flag} {path!r} cannot be written ({error.strerror or error})") from None
 
 
 def separate_overrides(argv, parser):

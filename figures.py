@@ -20,7 +20,7 @@ For a seeded sample of N split images (`run.seed`; default N = 8) `write_figures
 Attention comes from the set head's documented `return_attention=True` (the last iteration's
 weights, mean over heads, summing to 1 over the real positions). Drawing uses Pillow and torch
 only, with Pillow's built-in bitmap font and no metadata, so the same checkpoint and seed give
-byte-identical files. Imported only by evaluate.py.
+byte-identical files. Imported by evaluate.py, and by search.py for the look of its --html pages.
 """
 import functools
 import html
@@ -54,6 +54,8 @@ IMAGE_COLOUR, CAPTION_COLOUR = (50, 90, 200), (230, 120, 20)
 HEAT_RAMP = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
 WORD_RAMP = ((255, 255, 255), (255, 200, 90), (230, 70, 20))      # word shading (white = 0)
 COSINE_RAMP = ((59, 76, 192), (245, 245, 245), (180, 4, 38))        # cosine -1 .. 0 .. 1
+PAGE_STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:auto}"      # index.html (and search.py pages)
+              "figure{margin:24px 0}img{max-width:100%;image-rendering:pixelated}")
 
 
 class FiguresError(Exception):
@@ -231,8 +233,7 @@ def dataset_caption_text(dataset, tokenizer, index, caption=0):
 def write_index(out_dir, written, title):
     """DIR/index.html: every figure with its caption, in the order written."""
     parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>MaxMatch figures</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
-             "figure{margin:24px 0}img{max-width:100%;image-rendering:pixelated}</style></head><body>",
+             f"<style>{PAGE_STYLE}</style></head><body>",
              f"<h1>MaxMatch figures</h1><p>{html.escape(title)}</p>"]
     for name, caption in written:
         parts.append(f"<figure><img src=\"{html.escape(name)}\" alt=\"{html.escape(name)}\">"

@@ -30,7 +30,8 @@ decide its ranks, that bound instead of its exact score; only the other pairs ar
 (METHOD.md §5).
 
 Public: METHODS, pairwise_similarity, score_matrix, rank_preserving_scores, max_pair_assignment,
-greedy_assignment. Imports only torch (and the standard library; scipy lazily, see above).
+greedy_assignment, and the two pieces of the bound (upper_bound_sums, rounding_slack) that search.py
+reuses. Imports only torch (and the standard library; scipy lazily, see above).
 """
 import functools
 import itertools
@@ -142,7 +143,7 @@ def rank_preserving_scores(images, captions, caption_to_image, method="max_pair"
         column_threshold = _ground_truth_scores(images, captions, owners, method, options)  # (N_cap,)
         row_threshold = column_threshold.new_full((n_img,), -math.inf).scatter_reduce(
             0, owners, column_threshold, reduce="amax")  # (N_img,)
-        slack = _rounding_slack(images, captions, options["score"])
+        slack = rounding_slack(_largest_cosine(images, captions), images.dtype, options["score"])
         row_cut, column_cut = (k_min * (t - slack) for t in (row_threshold, column_threshold))
         chunk_size = max(1, int(chunk_size))  # the image chunks of _cosine_chunks
         scores = images.new_empty(n_img, n_cap)  # (N_img, N_cap)
@@ -153,7 +154,7 @@ def rank_preserving_scores(images, captions, caption_to_image, method="max_pair"
             i1, c1 = i0 + cos.shape[0], c0 + cos.shape[3]
             if c0 != ground_truth_c0:  # a new caption chunk: its ground-truth pairs by image chunk
                 ground_truth, ground_truth_c0 = _ground_truth_by_image_chunk(owners[c0:c1], chunk_size), c0
-            bound = _upper_bound_sums(cos, options["score"])  # (n, m)
+            bound = upper_bound_sums(cos, options["score"])  # (n, m)
             undecided = bound >= torch.minimum(row_cut[i0:i1, None], column_cut[None, c0:c1])  # (n, m)
             if i0 // chunk_size in ground_truth:  # ground-truth pairs: always exact
                 gt_rows, gt_cols = ground_truth[i0 // chunk_size]
@@ -180,6 +181,29 @@ def greedy_assignment(cos):
     """Greedy assignment: repeatedly match the largest remaining entry (first in row-major order
     on ties) and strike its row and column. cos (..., K_v, K_t), K_v <= K_t -> (..., K_v)."""
     return _blocks_to_batch_last(cos, _greedy_assignment_batch_last)
+
+
+def upper_bound_sums(cos, score="mean"):
+    """Upper bound of every assignment's matched SUM of the batch-last cosine blocks (n, K_v, K_t, m)
+    -> (n, m): the sum of the maxima of the smaller side's rows (each is matched once; both sides,
+    and the smaller bound, when square), through expm1 for score="exp". Divided by min(K_v, K_t) it
+    bounds the max_pair and greedy scores from above (METHOD.md §5); any strides work."""
+    k_v, k_t = cos.shape[1:3]
+    transform = torch.expm1 if score == "exp" else (lambda x: x)
+    bounds = []
+    if k_v <= k_t:
+        bounds.append(transform(cos.amax(2)).sum(1))  # rows matched once each
+    if k_t <= k_v:
+        bounds.append(transform(cos.amax(1)).sum(1))  # columns matched once each
+    return bounds[0] if len(bounds) == 1 else torch.minimum(*bounds)
+
+
+def rounding_slack(largest_cosine, dtype=torch.float32, score="mean"):
+    """How far apart two float computations of one score (in different summation orders, from
+    different matrix products) can plausibly be: a relative 1e-5 (at least 64 units of the dtype's
+    rounding) of the largest possible matched term, given an upper bound of every |cosine|."""
+    term = math.expm1(min(largest_cosine, 80.0)) if score == "exp" else largest_cosine
+    return max(1e-5, 64 * torch.finfo(dtype).eps) * max(1.0, term)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,20 +596,6 @@ def _caption_chunk(images, chunk_size, k_t, n_cap):
     return min(caption_chunk, n_cap)
 
 
-def _upper_bound_sums(cos, score):
-    """Upper bound of every assignment's matched SUM of the batch-last blocks (n, K_v, K_t, m) ->
-    (n, m): the sum of the maxima of the smaller side's rows (each is matched once; both sides,
-    and the smaller bound, when square), through expm1 for score="exp"."""
-    k_v, k_t = cos.shape[1:3]
-    transform = torch.expm1 if score == "exp" else (lambda x: x)
-    bounds = []
-    if k_v <= k_t:
-        bounds.append(transform(cos.amax(2)).sum(1))  # rows matched once each
-    if k_t <= k_v:
-        bounds.append(transform(cos.amax(1)).sum(1))  # columns matched once each
-    return bounds[0] if len(bounds) == 1 else torch.minimum(*bounds)
-
-
 def _ground_truth_by_image_chunk(owners, chunk_size):
     """{image chunk index: (image indices, caption positions in this caption chunk)} of the
     ground-truth pairs of one caption chunk, owners (m,)."""
@@ -640,10 +650,6 @@ def _ground_truth_scores(images, captions, owners, method, options):
     return scores
 
 
-def _rounding_slack(images, captions, score):
-    """How far apart two float computations of one score (in different summation orders, from
-    different matrix products) can plausibly be: a relative 1e-5 (at least 64 units of the dtype's
-    rounding) of the largest possible matched term."""
-    largest_cos = (images.norm(dim=-1).max() * captions.norm(dim=-1).max()).item() if images.numel() else 1.0
-    term = math.expm1(min(largest_cos, 80.0)) if score == "exp" else largest_cos
-    return max(1e-5, 64 * torch.finfo(images.dtype).eps) * max(1.0, term)
+def _largest_cosine(images, captions):
+    """An upper bound of every |cosine| between the elements: the product of the largest norms."""
+    return (images.norm(dim=-1).max() * captions.norm(dim=-1).max()).item() if images.numel() else 1.0

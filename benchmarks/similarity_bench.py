@@ -207,17 +207,26 @@ def trained_like_sets(n_img, per_image, k, dim, seed, concepts=200, noise=1.5, d
     of its image's concepts (shuffled) with fresh noise, else an unrelated concept. Images that
     share concepts are the hard negatives. Part 4 prints their R@1 (i2t/t2i) beside the timing."""
     g = torch.Generator().manual_seed(seed)
+    bank, image_concepts, caption_concepts = trained_like_concepts(n_img, per_image, k, dim, g, concepts, described)
+    return embed_concepts(bank, image_concepts, noise, g), embed_concepts(bank, caption_concepts, noise, g)
+
+
+def trained_like_concepts(n_img, per_image, k, dim, g, concepts=200, described=0.5):
+    """The concepts of trained_like_sets: the bank (concepts, dim) of unit vectors, every image's K
+    concept ids (N_img, K) and every caption's (N_img * per_image, K), drawn from generator g."""
     bank = F.normalize(torch.randn(concepts, dim, generator=g), dim=-1)
     image_concepts = torch.randint(concepts, (n_img, k), generator=g)  # (N_img, K)
     order = torch.rand(n_img * per_image, k, generator=g).argsort(1)  # (N_cap, K) shuffled elements
     caption_concepts = image_concepts.repeat_interleave(per_image, 0).gather(1, order)
     unrelated = torch.rand(n_img * per_image, k, generator=g) > described
     caption_concepts[unrelated] = torch.randint(concepts, (int(unrelated.sum()),), generator=g)
+    return bank, image_concepts, caption_concepts
 
-    def embed(ids):  # (N, K) concept ids -> (N, K, D) unit elements
-        return F.normalize(bank[ids] + noise * F.normalize(torch.randn(*ids.shape, dim, generator=g), dim=-1), dim=-1)
 
-    return embed(image_concepts), embed(caption_concepts)
+def embed_concepts(bank, ids, noise, g):
+    """(N, K) concept ids -> (N, K, D) unit elements: each concept plus `noise` times a random unit vector."""
+    return F.normalize(bank[ids] + noise * F.normalize(torch.randn(*ids.shape, bank.shape[1], generator=g), dim=-1),
+                       dim=-1)
 
 
 def random_sets(n_img, per_image, k, dim, seed):

@@ -182,3 +182,16 @@ def test_checkpoint_cost_benchmark_writes_last_pt_and_prints_its_size_and_second
     for _, parameters, size, seconds, overhead in rows:
         assert float(size) > 0 and float(seconds) > 0 and overhead.strip().endswith("%")
     assert float(rows[0][2]) < float(rows[1][2])       # the tiny model's file is the smaller
+
+
+def test_search_bench_prints_every_row_and_the_pruned_search_finds_the_exhaustive_top_10():
+    result = run_script(["benchmarks/search_bench.py", "--sizes", "300", "3000", "--queries", "2", "--dim", "32",
+                         "--threads", "1", "--skip-index", "--faiss-neighbours"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 3")]
+    cases = [cells[1].strip() for cells in rows]
+    assert cases == ["gallery in memory (float32)", "bare cosine product", "(a) every item matched exactly",
+                     "(b) bound-pruned exact"] * 2
+    pruned = [cells for cells in rows if cells[1].strip() == "(b) bound-pruned exact"]
+    assert all("top 10 = (a) in 2/2" in cells[8] and float(cells[2]) > 0 and float(cells[3]) > 0 for cells in pruned)
+    assert pruned[1][7].strip().endswith("x")          # growth against the smaller gallery
