@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_ROW = ("| config.yaml |", "| configs/")          # train_step_speed.py's rows, not its header
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import ablation  # noqa: E402
@@ -110,16 +112,26 @@ def test_summary_is_the_mean_and_sample_std_over_finished_seeds():
     assert "val RSUM" in ablation.markdown_table(val_rows, split="val")
 
 
-def test_train_step_speed_benchmark_prints_an_eager_row_with_positive_times():
+def test_train_step_speed_times_each_config_and_reports_a_failing_one_without_stopping():
+    # the ViT is built for 48 px images and gets 32 px ones: that config fails, config.yaml still runs
     result = run_script(["benchmarks/train_step_speed.py", "--threads", "1", "--batch-size", "4", "--steps", "1",
-                         "--warmup", "1", "model.embed_dim=16", "model.set_head.depth=1",
-                         "data.image_size=32", "model.image.stop_after=layer1", "model.text.word_dim=8", "--modes", "eager"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| eager |")]
-    assert len(rows) == 1
-    _, mode, warmup_s, ms, rate, ratio, memory, _ = rows[0].split("|")
+                         "--warmup", "1", "--modes", "eager", "--config", "configs/coco_vit_bert.yaml",
+                         "--config", "config.yaml", "model.embed_dim=16", "model.set_head.depth=1",
+                         "data.image_size=32", "model.image.stop_after=layer1", "model.text.word_dim=8",
+                         "model.image.vit_config={image_size: 48, patch_size: 16, num_layers: 1, num_heads: 2, "
+                         "hidden_dim: 16, mlp_dim: 32}", "model.text.bert_config={vocab_size: 64, hidden_size: 16, "
+                         "num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}"])
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(CONFIG_ROW)]
+    assert [row[:2] for row in rows] == [[" configs/coco_vit_bert.yaml ", " eager "], [" config.yaml ", " eager "]]
+    assert [cell.strip() for cell in rows[0][4:]] == ["failed", "-", "-", "-", "-", "-"]
+    _, _, shape, amp, warmup_s, ms, rate, ratio, memory, sync_free = rows[1]
     assert 0 < float(ms) < 60_000 and float(rate) > 0 and float(warmup_s) >= 0
-    assert ratio.strip() == "1.00x" and memory.strip() == "-"
+    assert shape.strip() == "4 + 20" and amp.strip() == "off"          # 5 captions an image; no AMP on the CPU
+    assert ratio.strip() == "1.00x" and memory.strip() == "-" and sync_free.strip() == "-"
+    assert re.search(r"^FAILED configs/coco_vit_bert.yaml eager: AssertionError: .*\(at model\.py:\d+ in forward\)$",
+                     result.stdout, re.MULTILINE)
+    assert "Traceback" in result.stderr
 
 
 def test_config_hash_ignores_names_places_threads_and_seed_but_not_the_training():
