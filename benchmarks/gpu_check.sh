@@ -133,7 +133,7 @@ for part in 0 1 2 3 4; do
         reason="exit $status"
         [ "$status" -eq 124 ] || [ "$status" -eq 137 ] && reason="stopped at its deadline (exit $status)"
         echo "part $part: FAILED, $reason after $seconds s; last stderr lines (all in $out/${files[part]}):"
-        grep -v '^\s*$' "$scratch/stderr" | tail -n 6 | cut -c 1-240
+        grep -v '^\s*$' "$scratch/stderr" | tail -n 5 | cut -c 1-200
         failed="$failed $part"
     fi
 done

@@ -48,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend of the compiled mode (a CPU rehearsal can use aot_eager)")
+                        help="torch.compile backend of the compiled mode (gpu_check.sh --dry-run uses eager: dynamo only)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="CUDA: run the timed steps under torch.cuda.set_sync_debug_mode('error'), so any "
                              "host-device sync or synchronous copy in a training step raises")
