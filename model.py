@@ -486,6 +486,7 @@ class BertTextEncoder(nn.Module):
     def __init__(self, text_cfg, embed_dim, dropout):
         super().__init__()
         self.backbone = load_bert(text_cfg)
+        self.takes_4d_mask = transformers_takes_4d_mask()
         self.projection = Projection(self.backbone.config.hidden_size, embed_dim, dropout)
         self.global_pool = text_cfg["global_pool"]
         if self.global_pool not in ("cls", "max"):
@@ -494,10 +495,8 @@ class BertTextEncoder(nn.Module):
 
     def forward(self, tokens, lengths, host_lengths=None, caption_order=None):
         mask = lengths_to_mask(lengths, tokens.shape[1])
-        # BERT given a (B, L) mask asks the GPU whether it is all ones (a host sync each call);
-        # the same mask as (B, 1, L) skips that check and gives the same result.
-        attention_mask = mask[:, None, :] if self.backbone.config.model_type == "bert" else mask
-        hidden = self.backbone(input_ids=tokens, attention_mask=attention_mask.long()).last_hidden_state
+        attention_mask = bert_attention_mask(mask, self.backbone, self.takes_4d_mask)
+        hidden = self.backbone(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
         local = self.projection(hidden)                                           # (B, L, D)
         global_feature = local[:, 0] if self.global_pool == "cls" else masked_max_pool(local, mask)
         return local, mask, global_feature
@@ -523,6 +522,29 @@ def load_bert(text_cfg):
             f"model.text.bert={name!r} is not a local model folder and could not be loaded ({str(error).splitlines()[0][:200]}). "
             "Without internet, copy the model folder (config.json, weights, tokenizer files) to "
             "this machine and set model.text.bert to that folder") from None
+
+
+def bert_attention_mask(mask, bert, takes_4d_mask):
+    """The attention_mask argument for a (B, L) bool padding mask that gives BERT no reason to sync.
+
+    Given the (B, L) mask, BERT asks the GPU whether it is all ones (a host sync each call). So a
+    BERT model gets the attention bias it would build from it, already made: transformers 4 builds
+    it from a (B, 1, L) mask without that check (and refuses 4D masks); transformers 5 takes a 4D
+    mask as it is (and misreads a 3D one). Both give the same bias, 0 for tokens and the dtype's
+    minimum for padding, added to the attention logits. Other BERT-family models get the (B, L) mask.
+    takes_4d_mask: transformers >= 5 (see transformers_takes_4d_mask)."""
+    if bert.config.model_type != "bert":
+        return mask.long()
+    if not takes_4d_mask:
+        return mask[:, None, :].long()                                            # (B, 1, L)
+    dtype = bert.dtype
+    return (~mask[:, None, None, :]).to(dtype) * torch.finfo(dtype).min           # (B, 1, 1, L)
+
+
+def transformers_takes_4d_mask():
+    """transformers 5 rewrote how its models read attention_mask (see bert_attention_mask)."""
+    import transformers
+    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 def without_pooler(bert):

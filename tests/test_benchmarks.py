@@ -1,9 +1,11 @@
-"""benchmarks/: the ablation script's quick mode end to end, its table arithmetic, and the
-training-step speed and checkpoint cost benchmarks on tiny configs."""
+"""benchmarks/: the ablation script's quick mode end to end, its table arithmetic, the
+training-step speed, checkpoint cost and search benchmarks on tiny configs, and the GPU check's CPU
+rehearsal (--dry-run)."""
 import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_ROW = ("| config.yaml |", "| configs/")          # train_step_speed.py's rows, not its header
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import ablation  # noqa: E402
@@ -110,16 +113,74 @@ def test_summary_is_the_mean_and_sample_std_over_finished_seeds():
     assert "val RSUM" in ablation.markdown_table(val_rows, split="val")
 
 
-def test_train_step_speed_benchmark_prints_an_eager_row_with_positive_times():
+def test_train_step_speed_times_each_config_and_reports_a_failing_one_without_stopping():
+    # the ViT is built for 48 px images and gets 32 px ones: that config fails, config.yaml still runs
     result = run_script(["benchmarks/train_step_speed.py", "--threads", "1", "--batch-size", "4", "--steps", "1",
-                         "--warmup", "1", "model.embed_dim=16", "model.set_head.depth=1",
-                         "data.image_size=32", "model.image.stop_after=layer1", "model.text.word_dim=8", "--modes", "eager"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| eager |")]
-    assert len(rows) == 1
-    _, mode, warmup_s, ms, rate, ratio, memory, _ = rows[0].split("|")
+                         "--warmup", "1", "--modes", "eager", "--config", "configs/coco_vit_bert.yaml",
+                         "--config", "config.yaml", "model.embed_dim=16", "model.set_head.depth=1",
+                         "data.image_size=32", "model.image.stop_after=layer1", "model.text.word_dim=8",
+                         "model.image.vit_config={image_size: 48, patch_size: 16, num_layers: 1, num_heads: 2, "
+                         "hidden_dim: 16, mlp_dim: 32}", "model.text.bert_config={vocab_size: 64, hidden_size: 16, "
+                         "num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32}"])
+    assert result.returncode == 1, result.stdout + result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(CONFIG_ROW)]
+    assert [row[:2] for row in rows] == [[" configs/coco_vit_bert.yaml ", " eager "], [" config.yaml ", " eager "]]
+    assert [cell.strip() for cell in rows[0][4:]] == ["failed", "-", "-", "-", "-", "-"]
+    _, _, shape, amp, warmup_s, ms, rate, ratio, memory, sync_free = rows[1]
     assert 0 < float(ms) < 60_000 and float(rate) > 0 and float(warmup_s) >= 0
-    assert ratio.strip() == "1.00x" and memory.strip() == "-"
+    assert shape.strip() == "4 + 20" and amp.strip() == "off"          # 5 captions an image; no AMP on the CPU
+    assert ratio.strip() == "1.00x" and memory.strip() == "-" and sync_free.strip() == "-"
+    assert re.search(r"^FAILED configs/coco_vit_bert.yaml eager: AssertionError: .*\(at model\.py:\d+ in forward\)$",
+                     result.stdout, re.MULTILINE)
+    assert "Traceback" in result.stderr
+
+
+def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_writes_one_file_each(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    out = result.stdout
+    for part in range(5):
+        assert re.search(rf"^part {part}: passed in \d+ s$", out, re.MULTILINE), out
+    assert "sync-debug mode skipped" in out and "every part passed" in out
+    assert len(out + result.stderr) < 12_000                 # what comes back from a lent machine
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["0_machine.txt", "1_sync_debug.md", "2_throughput.md", "3_evaluation.md", "4_compile.md"]
+    tables = {name: (tmp_path / "out" / name).read_text() for name in files}
+    expected_rows = {"1_sync_debug.md": ["| config.yaml | eager |", "| configs/coco_vit_bert.yaml | eager |"],
+                     "2_throughput.md": ["| configs/coco_vit_bert.yaml | eager |",
+                                         "| configs/coco_resnet152_bigru.yaml | eager |"],
+                     "4_compile.md": ["| configs/coco_vit_bert.yaml | eager |", "| configs/coco_vit_bert.yaml | compiled |"]}
+    for name, starts in expected_rows.items():
+        rows = [line for line in tables[name].splitlines() if line.startswith(CONFIG_ROW)]
+        assert [row[:len(start)] for row, start in zip(rows, starts)] == starts and len(rows) == len(starts), rows
+        assert all(line in out for line in rows)             # the table is also on stdout
+        assert all(float(row.split("|")[6]) > 0 for row in rows)   # ms/step
+    assert len([line for line in tables["3_evaluation.md"].splitlines() if line.startswith("| 4 ")]) == 8
+    assert "| none (CPU) |" in tables["0_machine.txt"]
+
+
+def test_gpu_check_budgets_add_up_to_seven_minutes_as_its_header_says():
+    with open(os.path.join(REPO, "benchmarks", "gpu_check.sh")) as handle:
+        script = handle.read()
+    budgets = [int(b) for b in re.search(r"^budgets=\(([\d ]+)\)", script, re.MULTILINE).group(1).split()]
+    stated = re.search(r"^#\s+part 0: (\d+), part 1: (\d+), part 2: (\d+), part 3: (\d+), part 4: (\d+)\.$",
+                       script, re.MULTILINE)
+    assert [int(b) for b in stated.groups()] == budgets
+    assert sum(budgets) == 420 and "at most 7 minutes (420 s)" in script
+
+
+def test_gpu_check_refuses_bad_flags_and_a_machine_without_cuda_in_one_line(tmp_path):
+    import torch
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    cases = [(["--parts", "9"], "--parts takes digits 0-4"), (["--fast"], "unknown argument '--fast'")]
+    if not torch.cuda.is_available():
+        cases.append(([], "finds no CUDA device; run 'bash benchmarks/gpu_check.sh --dry-run'"))
+    for args, message in cases:
+        result = subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=120, env=env)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, result
 
 
 def test_config_hash_ignores_names_places_threads_and_seed_but_not_the_training():
