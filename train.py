@@ -55,6 +55,10 @@ class TrainingError(Exception):
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FlagError, TrainingError)
 LOST_PEER_EXIT = 1          # exit code after another process of the job died or hung
+# gloo's errors that reach Python as a bare RuntimeError, not a DistError: its transport errors name
+# their source file, but a broadcast from the root (DDP's buffer sync) whose peer hung past the
+# timeout only says "Application timeout caused pair closure".
+GLOO_PEER_ERRORS = ("gloo/transport", "Application timeout caused pair closure", "Connection closed by peer")
 
 
 def main(argv=None, exiting=False):
@@ -746,7 +750,7 @@ def lost_peer_reason(error):
     """What happened, in one line, when `error` comes from a collective or the store (a peer died,
     hung past run.dist_timeout_s, or never connected); None for any other error."""
     text = str(error)
-    if not isinstance(error, dist.DistError) and "gloo/transport" not in text:
+    if not isinstance(error, dist.DistError) and not any(part in text for part in GLOO_PEER_ERRORS):
         return None
     detail = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail  # "[file.cc:561] "

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -49,29 +50,6 @@ def left_alone(tmp_path_factory, shapes_root):
     return tmp_path / "runs" / "straight" / "last.pt"
 
 
-# ----------------------------------------------------------------------------- exact resume
-
-def test_two_process_run_resumed_mid_epoch_reaches_the_weights_of_the_run_left_alone(tmp_path, shapes_root,
-                                                                                   left_alone):
-    base = shapes_overrides(tmp_path, shapes_root, "resumed") + EXACT
-    stopped = torchrun(base + ["train.stop_after_steps=8"])
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    checkpoint = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))
-    assert (checkpoint["state"]["epoch"], checkpoint["state"]["step"]) == (1, 2)
-    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
-    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])   # each rank its own
-    resumed = torchrun(base + ["--resume", "auto"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continuing" in resumed.stdout and "global step 8) with 2 process(es)" in resumed.stdout
-    assert_same_weights(weights(left_alone), weights(tmp_path / "runs" / "resumed" / "last.pt"))
-    straight_rng = load_checkpoint(str(left_alone))["rng"]
-    resumed_rng = load_checkpoint(str(tmp_path / "runs" / "resumed" / "last.pt"))["rng"]
-    for rank in (0, 1):      # every RNG ends where the uninterrupted run's did, the loader's generator too
-        for name in ("torch", "loader"):
-            assert torch.equal(straight_rng[rank][name], resumed_rng[rank][name]), (rank, name)
-        assert straight_rng[rank]["python"] == resumed_rng[rank]["python"]
-
-
 # ----------------------------------------------------------------------------- a worker dies
 
 @pytest.mark.parametrize("checkpoint_every, rendezvous, continued_from", [
@@ -91,6 +69,13 @@ def test_a_worker_killed_without_warning_is_started_again_by_torchrun_and_the_ru
     assert "error: rank 0: another process of the job died or hung" in result.stderr
     assert 'train.py", line' not in result.stderr
     assert_same_weights(weights(left_alone), weights(tmp_path / "runs" / "killed" / "last.pt"))   # bit for bit
+    straight_rng = load_checkpoint(str(left_alone))["rng"]
+    killed_rng = load_checkpoint(str(tmp_path / "runs" / "killed" / "last.pt"))["rng"]
+    assert not torch.equal(straight_rng[0]["torch"], straight_rng[1]["torch"])      # each rank its own
+    for rank in (0, 1):      # every RNG ends where the uninterrupted run's did, the loader's generator too
+        for name in ("torch", "loader"):
+            assert torch.equal(straight_rng[rank][name], killed_rng[rank][name]), (rank, name)
+        assert straight_rng[rank]["python"] == killed_rng[rank]["python"]
     logged = [json.loads(line).get("global_step") for line in (tmp_path / "runs" / "killed" / "log.jsonl").open()]
     assert [step for step in logged if step] == list(range(1, 13))     # the redone steps are logged once
 
@@ -113,9 +98,13 @@ def test_a_survivor_of_a_hung_peer_leaves_within_the_timeout_with_one_line(tmp_p
         kill_job(process)
         raise
     assert 4.5 < left_after < 20, left_after
-    assert line.startswith("error: rank 0: another process of the job died or hung (Timed out waiting 5000ms")
+    # gloo says so in one of two ways, depending on the collective rank 0 is in (a receive, or DDP's
+    # buffer broadcast, which rank 0 sends)
+    assert re.match(r"error: rank 0: another process of the job died or hung \((Timed out waiting 5000ms|"
+                    r"Application timeout caused pair closure)", line), line
     assert process.returncode != 0
-    assert 'train.py", line' not in "".join(lines.lines)
+    output = "".join(lines.lines)
+    assert 'train.py", line' not in output, output[-6000:]
 
 
 # ----------------------------------------------------------------------------- membership changes
@@ -234,6 +223,9 @@ def test_an_attempt_without_rank_0_ends_with_a_store_error_naming_the_timeout():
     assert train.lost_peer_reason(dist.DistStoreError("rank 0 did not answer")) == \
         "another process of the job died or hung (rank 0 did not answer)"
     assert train.lost_peer_reason(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    # what DDP's buffer broadcast raised on rank 0 once rank 1 hung (1 hung-peer test in 8 under load)
+    assert train.lost_peer_reason(RuntimeError("Application timeout caused pair closure")) == \
+        "another process of the job died or hung (Application timeout caused pair closure)"
 
 
 def test_a_start_in_a_job_whose_store_saw_the_run_continues_it_whatever_resume_says(tmp_path, monkeypatch):
@@ -358,5 +350,6 @@ class LineReader:
                 found = [line for line in self.lines if wanted(line)]
                 if found:
                     return found[0]
-                assert time.time() < deadline, "no such line within the time limit"
+                assert time.time() < deadline, "no such line within the time limit; the output so far:\n" + \
+                    "".join(self.lines[-60:])
                 self.condition.wait(timeout=0.1)
