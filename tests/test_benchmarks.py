@@ -125,7 +125,7 @@ def test_train_step_speed_benchmark_prints_an_eager_row_with_positive_times():
 def test_config_hash_ignores_names_places_threads_and_seed_but_not_the_training():
     base = ablation.load_config(None, ["train.epochs=3"])
     moved = ablation.load_config(None, ["train.epochs=3", "run.name=x", "run.out_dir=/else", "run.num_threads=1",
-                                        "run.seed=7", "data.root=/data/elsewhere"])
+                                        "run.seed=7", "run.tensorboard=true", "data.root=/data/elsewhere"])
     assert ablation.config_hash(base) == ablation.config_hash(moved)
     for change in ("train.epochs=4", "loss.similarity=mil", "data.shapes.max_objects=4", "loss.gd.weight=0"):
         assert ablation.config_hash(ablation.load_config(None, ["train.epochs=3", change])) != ablation.config_hash(base)
