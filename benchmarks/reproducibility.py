@@ -92,7 +92,7 @@ def main(argv=None):
     if args.probe_child:
         return probe_child()
     if args.table:
-        print(tables(read_rows(args.results)))
+        print(tables(read_rows(args.results)) + "\n\n" + verdict_margins())
         return 0
     if args.probe:
         return probe(args.settings or list(SETTINGS), os.path.abspath(args.out))
@@ -275,6 +275,32 @@ def tables(rows):
     if compared:
         lines += ["", "| base run vs its row in matching.csv | seed | commit of that row | test RSUM there / here | "
                   "metrics |", "|---|---|---|---|---|", *compared]
+    return "\n".join(lines)
+
+
+def verdict_margins(path=os.path.join(REPO, "benchmarks", "results", "matching.csv")):
+    """Markdown: every deciding comparison of the pre-registered experiment with its t statistic and
+    the chance that a new set of runs (other seeds, or the same seeds on a processor whose rounding
+    decorrelates them as much as another seed does) gives the same verdict, taking the measured mean
+    difference and spread as the truth: a noncentral t with n - 1 degrees of freedom and
+    noncentrality mean / (sd / sqrt(n))."""
+    import ablation_tables
+    from scipy import stats
+    rows, _ = ablation_tables.current_rows(read_rows(path))
+    lines = ["| dataset | comparison | measure | n | mean | sd | t | verdict | same verdict again |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for dataset in ("default", "crowded"):
+        chosen = [row for row in rows if row["dataset"] == dataset]
+        for name, _, measure, comparisons, decisive in ablation_tables.HYPOTHESES:
+            for better, worse in comparisons if decisive else []:
+                result = ablation_tables.paired_difference(chosen, better, worse, measure)
+                n, df = result["n"], result["n"] - 1
+                t = result["mean"] / (result["sd"] / n ** 0.5)
+                critical = stats.t.ppf(0.5 + ablation_tables.CONFIDENCE / 2, df)
+                above, below = stats.nct.sf(critical, df, t), stats.nct.cdf(-critical, df, t)
+                again = {"supported": above, "contradicted": below}.get(result["verdict"], 1 - above - below)
+                lines.append(f"| {dataset} | {name}: {better} - {worse} | {measure} | {n} | {result['mean']:+.2f} "
+                             f"| {result['sd']:.2f} | {t:+.2f} | {result['verdict']} | {again:.0%} |")
     return "\n".join(lines)
 
 
