@@ -251,7 +251,8 @@ def tables(rows):
             values = [first.get((s, name, str(seed))) for s in settings]
             cells = [f"{float(v[measure]):.2f}" if v else "-" for v in values]
             base = first.get(("base", name, str(seed)))
-            moves = [abs(float(v[measure]) - float(base[measure])) for v in values if v and base]
+            moves = [abs(float(v[measure]) - float(base[measure])) for v in values[1:] if v and base] \
+                if settings[0] == "base" else []
             largest = f"{max(moves):.2f}" if moves else "-"
             lines.append(f"| {name} | {seed} | {measure} | " + " | ".join(cells) + f" | {largest} |")
     lines += ["", "| repeated run | setting | seed | test RSUM first / repeat | final weights | best weights |",
@@ -271,7 +272,8 @@ def tables(rows):
             keys = [*ablation.RANK_KEYS, *(f"{s}_{k}" for s in ("image", "caption") for k in ablation.COLLAPSE_KEYS)]
             differing = [k for k in keys if float(row[k]) != float(earlier[k])]
             compared.append(f"| {name} | {seed} | {earlier['commit']} | {earlier['rsum']} / {row['rsum']} | "
-                            f"{'every metric identical' if not differing else 'differ: ' + ', '.join(differing)} |")
+                            + ("every metric identical" if not differing else
+                               f"{len(differing)} of {len(keys)} metrics differ") + " |")
     if compared:
         lines += ["", "| base run vs its row in matching.csv | seed | commit of that row | test RSUM there / here | "
                   "metrics |", "|---|---|---|---|---|", *compared]

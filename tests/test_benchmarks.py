@@ -212,3 +212,5 @@ def test_reproducibility_tables_give_the_largest_move_and_compare_repeats_and_th
             f"{expected_move:.2f} |") in text
     assert f"| smooth_chamfer div+mmd | base | 5 | {earlier['rsum']} / {earlier['rsum']} | identical | identical |" in text
     assert "every metric identical" in text
+    alone = repro.tables([row("base", 0, "300.0", "aa")])           # no other setting: no move to report
+    assert "| smooth_chamfer div+mmd | 5 | rsum | 300.00 | - |" in alone and "| 1 of 19 metrics differ |" in alone
