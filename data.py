@@ -56,9 +56,11 @@ def prepare_data(data_cfg):
     if dataset == "shapes":
         ensure_shapes(data_cfg["root"], shapes_params(data_cfg))
         return
-    problems, _ = _inspect_data(data_cfg)
+    problems, _ = _inspect_data(data_cfg, examples=1)
     if problems:
-        raise DataError("data not ready:\n  " + "\n  ".join(problems))
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise DataError(f"data not ready: {problems[0]}{more}; `python data.py --check YOUR_CONFIG.yaml "
+                        "[key.sub=value ...]` lists every problem")
 
 
 def shapes_params(data_cfg):
@@ -576,8 +578,9 @@ def _precomputed_layout(num_rows, num_captions, captions_per_image, images_path,
                     f"{captions_per_image}x) or a whole number of captions per image")
 
 
-def _inspect_data(data_cfg):
-    """(problems, {split: image count}) for a data config, without generating anything."""
+def _inspect_data(data_cfg, examples=5):
+    """(problems, {split: image count}) for a data config, without generating anything. A split's
+    missing image files are named up to `examples`, the first missing one first."""
     dataset = data_cfg["dataset"]
     counts, problems = {}, []
     if dataset == "precomputed":
@@ -613,7 +616,7 @@ def _inspect_data(data_cfg):
         missing = [image_dir / r["filepath"] / r["filename"] for r in chosen
                    if not (image_dir / r["filepath"] / r["filename"]).is_file()]
         if missing:
-            listed = ", ".join(str(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            listed = ", ".join(str(p) for p in missing[:examples]) + (" ..." if len(missing) > examples else "")
             problems.append(f"{len(missing)} image file(s) of split {split!r} missing under {image_dir}: {listed}")
     return problems, counts
 

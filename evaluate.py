@@ -3,7 +3,7 @@
     python evaluate.py --ckpt runs/shapes_maxmatch/best.pt
     python evaluate.py --ckpt best.pt --method greedy --split val --data.root /new/place --out m.json
     python evaluate.py --ckpt a.pt b.pt            # each model, then the ensemble (mean score matrix)
-    python evaluate.py --ckpt best.pt --figures figs/   # also draw the sets (figures.py), figs/index.html
+    python evaluate.py --ckpt best.pt --figures figs/   # also draw the sets and the run's curves, figs/index.html
 
 Every test image and caption is encoded once as a set; the (N_img, N_cap) score matrix comes from
 `similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch); for one
@@ -424,13 +424,15 @@ def main(argv=None):
 
 def figures_request(args):
     """None without --figures; else a check that DIR is writable (before any evaluation) and the
-    draw callback of evaluate_checkpoints that writes the figures of the one checkpoint into DIR."""
+    draw callback of evaluate_checkpoints that writes the figures of the one checkpoint into DIR,
+    with the curves of the log.jsonl beside it when there is one."""
     if args.figures is None:
         return None
     if len(args.ckpt) > 1:
         raise FiguresError("--figures draws one checkpoint; give --ckpt a single path")
     check_figures_request(args.figures, args.figures_count)
-    return functools.partial(write_figures, args.figures, count=args.figures_count, title=args.ckpt[0])
+    log = os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0])), "log.jsonl")    # train.py writes it there
+    return functools.partial(write_figures, args.figures, count=args.figures_count, title=args.ckpt[0], log=log)
 
 
 def check_out_request(path, flag="--out", kind="JSON"):

@@ -15,7 +15,11 @@ For a seeded sample of N split images (`run.seed`; default N = 8) `write_figures
                            images, ground truth marked, scored exactly by the evaluation similarity;
 - intra_set_cosines.png    histograms of the intra-set cosines of the whole split, with the collapse
                            numbers of the evaluation in the title;
-- index.html               every PNG with a short caption.
+- curve_*.png              when the run's log.jsonl lies beside the checkpoint (train.py writes it
+                           there): one line chart per quantity it holds: every loss term, the
+                           gradient norm and the learning rate per logged step, validation RSUM and
+                           each collapse measure (image and caption sets) per epoch;
+- index.html               every PNG with a short caption, the curves in their own section.
 
 Attention comes from the set head's documented `return_attention=True` (the last iteration's
 weights, mean over heads, summing to 1 over the real positions). Drawing uses Pillow and torch
@@ -24,6 +28,7 @@ byte-identical files. Imported by evaluate.py, and by search.py for the look of 
 """
 import functools
 import html
+import json
 import math
 import os
 import tempfile
@@ -74,13 +79,14 @@ def check_figures_request(out_dir, count):
         raise FiguresError(f"--figures {out_dir!r} cannot be written ({error.strerror or error})") from None
 
 
-def write_figures(out_dir, model, cfg, loader, device, encoded, results, options, count=8, title=""):
+def write_figures(out_dir, model, cfg, loader, device, encoded, results, options, count=8, title="", log=None):
     """Draw every figure of the module docstring into out_dir; return the written file names.
 
     loader: the evaluation loader (unshuffled, so image i of `encoded` is dataset item i);
     encoded: evaluate.encode_split's (image_sets, image_globals, caption_sets, caption_globals,
     caption_to_image) for that loader; results: evaluate_model's results (method, collapse);
-    options: the options of results["method"] the evaluation scored with.
+    options: the options of results["method"] the evaluation scored with; log: the run's log.jsonl,
+    whose curves are drawn when the file exists.
     """
     check_figures_request(out_dir, count)
     dataset = loader.dataset
@@ -145,8 +151,11 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, options
              out_dir, "intra_set_cosines.png", written,
              f"Intra-set cosines of all {image_sets.shape[0]} images and {caption_sets.shape[0]} captions: "
              "near 1 = collapsed sets; the title holds the evaluation's collapse diagnostics.")
-    write_index(out_dir, written, title)
-    return [name for name, _ in written] + ["index.html"]
+    curves = []
+    if log is not None and os.path.isfile(log):
+        write_curves(out_dir, log, curves)
+    write_index(out_dir, written, title, curves, log)
+    return [name for name, _ in written + curves] + ["index.html"]
 
 
 def sample_images(num_images, count, seed):
@@ -230,14 +239,22 @@ def dataset_caption_text(dataset, tokenizer, index, caption=0):
     return tokenizer.decode(dataset[index]["captions"][caption])
 
 
-def write_index(out_dir, written, title):
-    """DIR/index.html: every figure with its caption, in the order written."""
+def write_index(out_dir, written, title, curves=(), log=None):
+    """DIR/index.html: every figure with its caption, in the order written; then, when there are
+    any, the training curves under their own heading."""
     parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>MaxMatch figures</title>",
              f"<style>{PAGE_STYLE}</style></head><body>",
              f"<h1>MaxMatch figures</h1><p>{html.escape(title)}</p>"]
-    for name, caption in written:
-        parts.append(f"<figure><img src=\"{html.escape(name)}\" alt=\"{html.escape(name)}\">"
-                     f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>")
+    sections = [(None, written)]
+    if curves:
+        sections.append((f"<h2 id=\"training-curves\">Training curves</h2><p>From {html.escape(str(log))}.</p>",
+                         curves))
+    for heading, figures in sections:
+        if heading:
+            parts.append(heading)
+        for name, caption in figures:
+            parts.append(f"<figure><img src=\"{html.escape(name)}\" alt=\"{html.escape(name)}\">"
+                         f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(parts) + "\n")
@@ -582,6 +599,153 @@ def draw_intra_set_histogram(image_cosines, caption_cosines, collapse, num_eleme
         put_text(draw, (left - axis, top + plot_height - 10), "0")
         put_text(draw, (left, top + plot_height + 4 + LINE), "cosine; y: share of pairs; dashes: mean")
     return canvas
+
+
+# ----------------------------------------------------------------------------- training curves
+
+CURVE_WIDTH, CURVE_HEIGHT = 560, 180       # plot area of a curve
+CURVE_AXIS = 10 * CHAR                     # room for the y tick labels
+LOG_POSITIONS = ("epoch", "step", "global_step")    # keys of a step line that say where, not what
+CURVE_COLOUR = (40, 40, 40)
+STEP_QUANTITIES = {"loss": "total loss", "triplet": "triplet loss", "con": "contrastive (InfoNCE) loss",
+                   "mmd": "MMD loss", "div": "Div loss", "gd": "Global Discriminative loss",
+                   "isd": "Intra-Set Divergence loss", "grad_norm": "gradient norm before clipping",
+                   "lr": "learning rate (first parameter group)"}
+COLLAPSE_QUANTITIES = {"intra_set_cos": "intra-set cosine (1 = collapsed)",
+                       "global_cos": "cosine of a set element to its global feature",
+                       "log_set_variance": "log set variance", "log_circular_variance": "log circular variance"}
+
+
+def write_curves(out_dir, log_path, written):
+    """Draw every curve of `training_curves(log_path)` into out_dir (curve_*.png), appending
+    (file name, caption) to `written`."""
+    for curve in training_curves(log_path):
+        save_png(draw_curve(curve["title"], curve["x_label"], curve["series"], curve["boundaries"]),
+                 out_dir, curve["name"], written, curve["caption"])
+
+
+def training_curves(log_path):
+    """One curve per quantity in a train.py log.jsonl, as dicts (name, title, x_label, series
+    {label: [(x, y), ...]}, boundaries, caption): every numeric key of the per-step lines (loss terms,
+    grad_norm, lr) against the global step, with the epoch starts as boundaries; validation RSUM and
+    each collapse measure (image and caption sets, two series) against the epoch."""
+    steps, epochs, skipped = read_training_log(log_path)
+    note = f" {skipped} unreadable line(s) of the log skipped." if skipped else ""
+    curves = []
+    keys = [key for line in steps for key, value in line.items()
+            if key not in LOG_POSITIONS and isinstance(value, (int, float))]
+    boundaries = sorted({line["global_step"] - line["step"] for line in steps if line["epoch"] > 0})
+    for key in dict.fromkeys(keys):       # in the order the log first has them
+        points = [(line["global_step"], float(line[key])) for line in steps if key in line]
+        description = STEP_QUANTITIES.get(key, key)
+        curves.append({"name": f"curve_step_{key}.png", "title": f"{description} ({key})", "x_label": "global step",
+                       "series": {key: points}, "boundaries": boundaries,
+                       "caption": f"{description}, mean over the steps since the previous log line "
+                                  f"(train.log_every), per logged step; dotted: epoch starts.{note}"})
+    rsum = [(line["epoch"], float(line["val"]["rsum"])) for line in epochs if "rsum" in line.get("val", {})]
+    if rsum:
+        curves.append({"name": "curve_epoch_val_rsum.png", "title": "validation RSUM", "x_label": "epoch",
+                       "series": {"rsum": rsum}, "boundaries": [],
+                       "caption": f"Validation RSUM after each epoch (best.pt is the epoch with the highest).{note}"})
+    for key, description in COLLAPSE_QUANTITIES.items():
+        series = {side: [(line["epoch"], float(line["collapse"][side][key])) for line in epochs
+                         if key in line.get("collapse", {}).get(side, {})] for side in ("image", "caption")}
+        series = {side: points for side, points in series.items() if points}
+        if series:
+            curves.append({"name": f"curve_epoch_{key}.png", "title": f"validation {description}",
+                           "x_label": "epoch", "series": series, "boundaries": [],
+                           "caption": f"Validation {description} ({key}) of the image and caption sets after "
+                                      f"each epoch (METHOD.md §5).{note}"})
+    return curves
+
+
+def read_training_log(path):
+    """(step lines, epoch lines, skipped): the per-step lines (with global_step) by global step and
+    the per-epoch summaries (with val or collapse) by epoch. A later line for the same step or epoch
+    replaces an earlier one (a resumed run logs again from its checkpoint); a line that is not a JSON
+    object (a run killed while writing it) is skipped and counted."""
+    steps, epochs, skipped = {}, {}, 0
+    with open(path, encoding="utf-8") as handle:
+        for text in handle:
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                skipped += 1
+                continue
+            if not isinstance(line, dict):
+                skipped += 1
+            elif "global_step" in line and "step" in line and "epoch" in line:
+                steps[line["global_step"]] = line
+            elif "epoch" in line and ("val" in line or "collapse" in line):
+                epochs[line["epoch"]] = line
+    return [steps[k] for k in sorted(steps)], [epochs[k] for k in sorted(epochs)], skipped
+
+
+def draw_curve(title, x_label, series, boundaries=()):
+    """A line chart of series {label: [(x, y), ...]} (one colour each; NaN and inf left out and
+    counted), y grid lines at round values, dotted vertical lines at `boundaries`."""
+    colours = [CURVE_COLOUR] if len(series) == 1 else [IMAGE_COLOUR, CAPTION_COLOUR, MARK, GREY]
+    finite = {label: [(x, y) for x, y in points if math.isfinite(y)] for label, points in series.items()}
+    left_out = sum(len(points) for points in series.values()) - sum(len(points) for points in finite.values())
+    every = [point for points in finite.values() for point in points]
+    x_ticks = round_ticks(min((x for x, _ in every), default=0), max((x for x, _ in every), default=1), integer=True)
+    y_ticks = round_ticks(min((y for _, y in every), default=0.0), max((y for _, y in every), default=1.0))
+    width = 2 * MARGIN + CURVE_AXIS + CURVE_WIDTH + 2 * GAP
+    header = 2 * LINE + GAP
+    canvas = Image.new("RGB", (width, 2 * MARGIN + header + CURVE_HEIGHT + 2 * LINE + 4), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    put_text(draw, (MARGIN, MARGIN), title)
+    legend_x = MARGIN
+    for (label, points), colour in zip(finite.items(), colours):
+        last = f"last {points[-1][1]:.4g} at {x_label} {points[-1][0]}" if points else "no finite value"
+        text = f"{label}: {last}" if len(series) > 1 else last
+        put_text(draw, (legend_x, MARGIN + LINE), text, fill=colour)
+        legend_x += (len(text) + 3) * CHAR
+    if left_out:
+        put_text(draw, (legend_x, MARGIN + LINE), f"({left_out} non-finite value(s) not drawn)", fill=GREY)
+    left, top = MARGIN + CURVE_AXIS, MARGIN + header
+    right, bottom = left + CURVE_WIDTH - 1, top + CURVE_HEIGHT - 1
+    to_x = lambda x: left + round((x - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (CURVE_WIDTH - 1))   # noqa: E731
+    to_y = lambda y: bottom - round((y - y_ticks[0]) / (y_ticks[-1] - y_ticks[0]) * (CURVE_HEIGHT - 1))  # noqa: E731
+    for tick in y_ticks:
+        y = to_y(tick)
+        draw.line((left, y, right, y), fill=(235, 235, 235))
+        put_text(draw, (MARGIN, y - 5), f"{tick:.4g}")
+    for boundary in boundaries:
+        x = to_x(boundary)
+        for y in range(top, bottom, 6):
+            draw.line((x, y, x, y + 2), fill=LIGHT)
+    draw.line((left, top, left, bottom), fill=BLACK)
+    draw.line((left, bottom, right, bottom), fill=BLACK)
+    for tick in x_ticks:
+        x = to_x(tick)
+        draw.line((x, bottom, x, bottom + 3), fill=BLACK)
+        put_text(draw, (x - len(f"{tick:g}") * CHAR // 2, bottom + 5), f"{tick:g}")
+    put_text(draw, (left + CURVE_WIDTH // 2 - len(x_label) * CHAR // 2, bottom + 5 + LINE), x_label)
+    for (label, points), colour in zip(finite.items(), colours):
+        pixels = [(to_x(x), to_y(y)) for x, y in points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        if len(pixels) <= 40:
+            for x, y in pixels:
+                draw.rectangle((x - 2, y - 2, x + 2, y + 2), fill=colour)
+    return canvas
+
+
+def round_ticks(low, high, count=5, integer=False):
+    """About `count` evenly spaced round values (steps of 1, 2, 2.5 or 5 times a power of ten) from
+    at or below `low` to at or above `high`; whole steps of at least 1 when `integer`."""
+    if high <= low:
+        low, high = low - (abs(low) * 0.05 or 0.5), high + (abs(high) * 0.05 or 0.5)
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    if integer:
+        step = max(1, math.ceil(step))
+    first, last = math.floor(low / step), math.ceil(high / step)
+    return [round(n * step, 12) for n in range(first, last + 1)]
 
 
 # ----------------------------------------------------------------------------- drawing helpers

@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import uuid
+import weakref
 
 import numpy
 import torch
@@ -111,6 +112,7 @@ def train(cfg, resume=None, exiting=False):
     Under torchrun, a start of the workers after the first one in the same job continues the run
     folder's last.pt whatever `resume` says (see elastic_resume)."""
     validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    require_tensorboard(cfg)
     context = setup_distributed(cfg)
     if cfg["run"]["num_threads"]:
         torch.set_num_threads(int(cfg["run"]["num_threads"]))
@@ -188,7 +190,8 @@ def train_epochs(cfg, context, state, stop, save, trainer, model, optimizer, sch
     Interrupted after a signal stop (see StopRequest), checked after every step and after each
     epoch's validation."""
     steps_per_epoch = train_loader.batch_sampler.batches_per_epoch
-    log = JsonlLog(os.path.join(run_dir, "log.jsonl")) if context.is_main else None
+    log = (JsonlLog(os.path.join(run_dir, "log.jsonl"), tensorboard=cfg["run"]["tensorboard"])
+           if context.is_main else None)
     steps_this_invocation = 0
     stop_after = cfg["train"]["stop_after_steps"]
     checkpoint_every = cfg["train"]["checkpoint_every"] or 0
@@ -583,12 +586,48 @@ class StopRequest:
 
 
 class JsonlLog:
-    def __init__(self, path):
-        self.path = path
+    """log.jsonl, one JSON object per line. With tensorboard=True (run.tensorboard) the same scalars
+    also go to TensorBoard event files in the same folder: a step line's as step/<key> at its
+    global step, an epoch summary's as epoch/<key>[/<sub key>...] at its epoch."""
+
+    def __init__(self, path, tensorboard=False):
+        self.path, self.writer = path, None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter     # present: require_tensorboard checked it
+            self.writer = SummaryWriter(log_dir=os.path.dirname(path) or ".")
+            weakref.finalize(self, self.writer.close)
 
     def write(self, record):
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            kind, position = ("step", "global_step") if "global_step" in record else ("epoch", "epoch")
+            for tag, value in numeric_leaves(record, skip=("epoch", "step", "global_step")):
+                self.writer.add_scalar(f"{kind}/{tag}", value, global_step=record[position])
+            self.writer.flush()
+
+
+def numeric_leaves(record, skip=(), prefix=""):
+    """('key/sub key', number) for every number in a nested dict, keys in `skip` left out at the top."""
+    for key, value in record.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            yield from numeric_leaves(value, prefix=f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", value
+
+
+def require_tensorboard(cfg):
+    """run.tensorboard=true without the tensorboard package: one line saying how to install it, before
+    anything is trained."""
+    if not cfg["run"]["tensorboard"]:
+        return
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                          "(or run with run.tensorboard=false)") from None
 
 
 class RunningMean:

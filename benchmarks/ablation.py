@@ -115,10 +115,10 @@ DATASETS = {"default": None, "crowded": os.path.join("configs", "shapes_crowded.
 # grid's seeds leave out 0, the seed config.yaml's loss weights were tuned with (README).
 GRID_DATASETS = {"matching": ["default", "crowded"]}
 GRID_SEEDS = {"matching": [1, 2, 3, 4, 5, 6, 7, 8], "quick": [0, 1]}
-# Config keys that do not change what a run computes (names, places, thread count) or that the CSV
+# Config keys that do not change what a run computes (names, places, thread count, logging) or that the CSV
 # keeps in its own column (seed): left out of the config hash.
-UNHASHED_KEYS = ("run.name", "run.out_dir", "run.num_threads", "run.seed", "data.root", "data.karpathy_json",
-                 "data.image_dir", "data.num_workers")
+UNHASHED_KEYS = ("run.name", "run.out_dir", "run.num_threads", "run.seed", "run.tensorboard", "data.root",
+                 "data.karpathy_json", "data.image_dir", "data.num_workers")
 COLLAPSE_KEYS = ("intra_set_cos", "global_cos", "log_set_variance", "log_circular_variance")
 RANK_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr",
              "i2t_meanr", "t2i_meanr")

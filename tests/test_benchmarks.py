@@ -186,7 +186,7 @@ def test_gpu_check_refuses_bad_flags_and_a_machine_without_cuda_in_one_line(tmp_
 def test_config_hash_ignores_names_places_threads_and_seed_but_not_the_training():
     base = ablation.load_config(None, ["train.epochs=3"])
     moved = ablation.load_config(None, ["train.epochs=3", "run.name=x", "run.out_dir=/else", "run.num_threads=1",
-                                        "run.seed=7", "data.root=/data/elsewhere"])
+                                        "run.seed=7", "run.tensorboard=true", "data.root=/data/elsewhere"])
     assert ablation.config_hash(base) == ablation.config_hash(moved)
     for change in ("train.epochs=4", "loss.similarity=mil", "data.shapes.max_objects=4", "loss.gd.weight=0"):
         assert ablation.config_hash(ablation.load_config(None, ["train.epochs=3", change])) != ablation.config_hash(base)
@@ -256,3 +256,46 @@ def test_search_bench_prints_every_row_and_the_pruned_search_finds_the_exhaustiv
     pruned = [cells for cells in rows if cells[1].strip() == "(b) bound-pruned exact"]
     assert all("top 10 = (a) in 2/2" in cells[8] and float(cells[2]) > 0 and float(cells[3]) > 0 for cells in pruned)
     assert pruned[1][7].strip().endswith("x")          # growth against the smaller gallery
+
+
+def test_reproducibility_plan_runs_each_setting_once_and_repeats_only_the_named_runs(tmp_path, monkeypatch):
+    import reproducibility as repro
+    jobs = repro.plan_jobs(repro.RUN_SETTINGS, list(repro.RUNS), str(tmp_path))
+    firsts = [job for job in jobs if job["repeat"] == 0]
+    assert len(firsts) == len(repro.RUN_SETTINGS) * sum(len(seeds) for _, _, seeds in repro.RUNS.values())
+    assert [(j["setting"], j["configuration"], j["seed"]) for j in jobs if j["repeat"]] == repro.REPEATS
+    assert jobs[0]["setting"] == "base" and all(job["repeat"] for job in jobs[-len(repro.REPEATS):])
+    assert len({job["run_dir"] for job in jobs}) == len(jobs)
+    # the 3-epoch runs are the matching grid's runs: the same config hashes as their rows in matching.csv
+    matching = ablation.plan_jobs(ablation.GRIDS["matching"], ["default", "crowded"], [5], ablation.BUDGET, [],
+                                  str(tmp_path), 1)
+    hashes = {(job["dataset"], job["name"]): job["config_hash"] for job in matching}
+    for job in firsts:
+        if job["configuration"] != "default 8 epochs":
+            assert job["config_hash"] == hashes[job["dataset"], job["configuration"].split(": ")[-1]]
+    # a run's environment holds its setting's switches and no other (not even one set in the caller's shell)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX")
+    assert "ONEDNN_MAX_CPU_ISA" not in repro.isa_environment("base")
+    assert repro.isa_environment("mkl_compatible")["MKL_CBWR"] == "COMPATIBLE"
+    assert "ONEDNN_MAX_CPU_ISA" not in repro.isa_environment("mkl_compatible")
+    assert repro.isa_environment("all_lowest")["OMP_NUM_THREADS"] == "1"
+
+
+def test_reproducibility_tables_give_the_largest_move_and_compare_repeats_and_the_matching_csv():
+    import reproducibility as repro
+    earlier = next(row for row in read_csv(os.path.join(REPO, "benchmarks", "results", "matching.csv"))
+                   if (row["configuration"], row["dataset"], row["seed"]) == ("smooth_chamfer div+mmd", "default", "5"))
+    same = {key: earlier[key] for key in repro.CSV_COLUMNS if key in earlier}
+    row = lambda setting, repeat, rsum, sha: {**same, "setting": setting, "repeat": str(repeat),  # noqa: E731
+                                              "configuration": "smooth_chamfer div+mmd", "rsum": rsum,
+                                              "last_weights_sha256": sha, "best_weights_sha256": sha}
+    rows = [row("base", 0, earlier["rsum"], "aa"), row("onednn_avx", 0, "300.0", "bb"),
+            row("all_lowest", 0, "340.5", "cc"), row("base", 1, earlier["rsum"], "aa")]
+    text = repro.tables(rows)
+    expected_move = max(abs(300.0 - float(earlier["rsum"])), abs(340.5 - float(earlier["rsum"])))
+    assert (f"| smooth_chamfer div+mmd | 5 | rsum | {float(earlier['rsum']):.2f} | 300.00 | 340.50 | "
+            f"{expected_move:.2f} |") in text
+    assert f"| smooth_chamfer div+mmd | base | 5 | {earlier['rsum']} / {earlier['rsum']} | identical | identical |" in text
+    assert "every metric identical" in text
+    alone = repro.tables([row("base", 0, "300.0", "aa")])           # no other setting: no move to report
+    assert "| smooth_chamfer div+mmd | 5 | rsum | 300.00 | - |" in alone and "| 1 of 19 metrics differ |" in alone

@@ -520,6 +520,20 @@ def test_feature_caption_count_mismatch_names_both_files(tmp_path):
     assert "test_ims.npy" in message and "test_caps.txt" in message and "4" in message and "7" in message
 
 
+def test_data_not_ready_is_one_line_naming_the_first_missing_path_and_the_check_command(karpathy_root):
+    for name in ("c.png", "d.png", "e.png"):       # c: val, d and e: test (splits are checked train, val, test)
+        (karpathy_root / "images" / "sub" / name).unlink()
+    with pytest.raises(DataError) as error:
+        data.prepare_data(make_config("coco", karpathy_root)["data"])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("data not ready: ")
+    assert str(karpathy_root / "images" / "sub" / "c.png") in message
+    assert "d.png" not in message and "e.png" not in message
+    assert "(and 1 more problem(s))" in message and "`python data.py --check" in message
+    problems = data.check_data(make_config("coco", karpathy_root))      # --check still names them all
+    assert len(problems) == 2 and "c.png" in problems[0] and "d.png" in problems[1] and "e.png" in problems[1]
+
+
 def test_missing_precomputed_files_are_listed(tmp_path):
     write_scan(tmp_path, "train", num_rows=2, num_captions=10)
     problems = data.check_data(make_config("precomputed", tmp_path))

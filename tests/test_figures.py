@@ -4,6 +4,7 @@ unchanged metrics, one-line errors; every image encoder and both text encoders."
 import copy
 import itertools
 import json
+import math
 import os
 
 import pytest
@@ -19,6 +20,7 @@ from model import build_model, load_checkpoint, normalised_position_encoding
 from test_model import tiny_batch, tiny_config
 from test_presets import write_bert_tokenizer
 from test_train import run_cli as run_script, write_precomputed
+import train
 from train import make_vocabulary
 
 K = 3
@@ -137,6 +139,106 @@ def test_bad_figure_requests_give_one_line_and_exit_2(shapes_checkpoint, tmp_pat
     code, out, err = run_evaluate(capsys, *args)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- training curves
+
+STEP_TERMS = ["lr", "loss", "triplet", "con", "mmd", "div", "isd", "grad_norm"]      # the run below: no GD
+COLLAPSE_MEASURES = ["intra_set_cos", "global_cos", "log_set_variance", "log_circular_variance"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(shapes_checkpoint, tmp_path_factory):
+    """A 2-epoch train.py run of the tiny config with the GD weight at 0 (so that term is not logged)."""
+    _, cfg = shapes_checkpoint
+    runs = tmp_path_factory.mktemp("curves")
+    assert train.main(TINY + [f"data.root={cfg['data']['root']}", f"run.out_dir={runs}", "run.name=run",
+                              "train.epochs=2", "train.batch_size=8", "train.log_every=1", "loss.gd.weight=0"]) == 0
+    return runs / "run"
+
+
+def test_curves_are_one_png_per_quantity_in_the_log_byte_identical_and_in_the_index(trained_run, tmp_path, capsys):
+    lines = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    logged = {key for line in lines if "global_step" in line for key in line} - {"epoch", "step", "global_step"}
+    assert logged == set(STEP_TERMS)                          # gd has weight 0: not computed, not logged
+    expected = sorted([f"curve_step_{key}.png" for key in STEP_TERMS] + ["curve_epoch_val_rsum.png"]
+                      + [f"curve_epoch_{key}.png" for key in COLLAPSE_MEASURES])
+    for folder in ("first", "second"):
+        code, _, err = run_evaluate(capsys, "--ckpt", str(trained_run / "best.pt"), "--figures",
+                                    str(tmp_path / folder), "--figures-count", "1")
+        assert code == 0, err
+        assert sorted(os.listdir(tmp_path / folder)) == sorted(figure_files(1) + expected)
+    f = figures
+    for name in expected:
+        first = (tmp_path / "first" / name).read_bytes()
+        assert first == (tmp_path / "second" / name).read_bytes(), name
+        with Image.open(tmp_path / "first" / name) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and not image.info     # no metadata
+            image.verify()
+        with Image.open(tmp_path / "first" / name) as image:
+            assert image.size == (2 * f.MARGIN + f.CURVE_AXIS + f.CURVE_WIDTH + 2 * f.GAP,
+                                  2 * f.MARGIN + 2 * f.LINE + f.GAP + f.CURVE_HEIGHT + 2 * f.LINE + 4)
+            assert len(image.getcolors(maxcolors=1 << 16)) > 2                        # something is drawn
+    page = (tmp_path / "first" / "index.html").read_text()
+    figures_part, curves_part = page.split("Training curves</h2>")
+    assert str(trained_run / "log.jsonl") in curves_part
+    assert all(f'src="{name}"' in curves_part and name not in figures_part for name in expected)
+    assert all(f'src="{name}"' in figures_part for name in figure_files(1) if name.endswith(".png"))
+
+
+def test_no_curves_section_without_a_log_beside_the_checkpoint(shapes_checkpoint, tmp_path, capsys):
+    checkpoint, _ = shapes_checkpoint
+    assert not os.path.exists(os.path.join(os.path.dirname(checkpoint), "log.jsonl"))
+    code, _, err = run_evaluate(capsys, "--ckpt", checkpoint, "--figures", str(tmp_path), "--figures-count", "1")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == figure_files(1)
+    assert "Training curves" not in (tmp_path / "index.html").read_text()
+
+
+def test_curves_take_a_resumed_runs_later_lines_and_skip_a_half_written_one(tmp_path):
+    step = lambda epoch, s, g, loss: {"epoch": epoch, "step": s, "global_step": g, "lr": 0.1, "loss": loss}  # noqa: E731
+    collapse = {side: {"intra_set_cos": 0.5, "log_circular_variance": -1.0} for side in ("image", "caption")}
+    lines = [step(0, 1, 1, 5.0), step(0, 2, 2, 4.0), {"epoch": 1, "train": {"loss": 4.5}, "val": {"rsum": 100.0},
+             "collapse": collapse}, step(1, 1, 3, 9.0),
+             step(1, 1, 3, 3.0), step(1, 2, 4, float("nan")),           # resumed at global step 2: logged again
+             {"epoch": 2, "train": {"loss": 3.0}, "val": {"rsum": 150.0}, "collapse": collapse}]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"epoch": 2, "st')
+    curves = {curve["name"]: curve for curve in figures.training_curves(str(log))}
+    assert sorted(curves) == ["curve_epoch_intra_set_cos.png", "curve_epoch_log_circular_variance.png",
+                              "curve_epoch_val_rsum.png", "curve_step_loss.png", "curve_step_lr.png"]
+    loss = curves["curve_step_loss.png"]
+    assert loss["series"]["loss"][:3] == [(1, 5.0), (2, 4.0), (3, 3.0)] and math.isnan(loss["series"]["loss"][3][1])
+    assert loss["boundaries"] == [2] and "1 unreadable line(s)" in loss["caption"]
+    assert curves["curve_epoch_val_rsum.png"]["series"] == {"rsum": [(1, 100.0), (2, 150.0)]}
+    assert set(curves["curve_epoch_intra_set_cos.png"]["series"]) == {"image", "caption"}
+    written = []
+    figures.write_curves(str(tmp_path), str(log), written)
+    assert [name for name, _ in written] == list(curves)
+    for name in curves:
+        Image.open(tmp_path / name).verify()
+
+
+def test_a_curve_spans_the_plot_from_its_first_to_its_last_point():
+    f = figures
+    picture = f.draw_curve("t", "global step", {"loss": [(0, 0.0), (5, 0.5), (10, 1.0)]})
+    left, top = f.MARGIN + f.CURVE_AXIS, f.MARGIN + 2 * f.LINE + f.GAP
+    right, bottom = left + f.CURVE_WIDTH - 1, top + f.CURVE_HEIGHT - 1      # ticks 0..10 and 0..1: no padding
+    assert picture.getpixel((left + 1, bottom - 1)) == f.CURVE_COLOUR        # the first point's marker
+    assert picture.getpixel((right - 1, top + 1)) == f.CURVE_COLOUR          # the last point's marker
+    assert picture.getpixel(((left + right) // 2, (top + bottom) // 2)) == f.CURVE_COLOUR    # the middle one
+    assert picture.getpixel((right - 1, bottom - 1)) != f.CURVE_COLOUR
+
+
+@pytest.mark.parametrize("low, high, integer", [(0.0, 1.0, False), (3.2, 3.2, False), (-5.4, -5.3, False),
+                                                 (1, 3, True), (1, 500, True), (0.0013, 0.002, False)])
+def test_curve_ticks_are_round_evenly_spaced_and_cover_the_values(low, high, integer):
+    ticks = figures.round_ticks(low, high, integer=integer)
+    assert ticks[0] <= low and ticks[-1] >= high and 3 <= len(ticks) <= 12
+    steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
+    assert len(steps) == 1
+    mantissa = steps.pop() / 10 ** math.floor(math.log10(ticks[1] - ticks[0]))
+    assert round(mantissa, 6) in (1, 2, 2.5, 5) and (not integer or all(t == int(t) for t in ticks))
 
 
 # ----------------------------------------------------------------------------- what is drawn

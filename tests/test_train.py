@@ -1,6 +1,7 @@
 """train.py / evaluate.py end to end on tiny data: config handling, a CPU run, exact resume,
 interruption, host-to-device copies of a step, and the one-line errors a user can cause
 (multi-process runs: test_distributed.py)."""
+import importlib.util
 import json
 import os
 import signal
@@ -358,13 +359,46 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys):
                      timeout=120)
     assert result.returncode == 2
     assert "/no/such/coco" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     # ... and the same main() in this process for the config errors (a process start costs seconds)
     for args, message in [(["loss.similarity=hungarian"], "loss.similarity='hungarian' is unknown"),
                           (["train.epochs=three"], "train.epochs")]:
         assert train.main([f"run.out_dir={tmp_path}", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_tensorboard_logs_the_scalars_of_log_jsonl(tmp_path):
+    if importlib.util.find_spec("tensorboard") is None:
+        pytest.skip("tensorboard is not installed (optional: pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert train.main(tiny_overrides(tmp_path) + ["train.epochs=1", "run.tensorboard=true"]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    expected = {}
+    for line in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()):
+        kind, position = ("step", "global_step") if "global_step" in line else ("epoch", "epoch")
+        for tag, value in train.numeric_leaves(line, skip=("epoch", "step", "global_step")):
+            expected.setdefault(f"{kind}/{tag}", []).append((line[position], value))
+    assert {"step/loss", "step/grad_norm", "step/lr", "epoch/val/rsum", "epoch/collapse/image/intra_set_cos",
+            "epoch/train/loss"} <= set(expected)
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for tag, points in expected.items():
+        logged = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert [step for step, _ in logged] == [step for step, _ in points], tag
+        assert [value for _, value in logged] == pytest.approx([value for _, value in points], rel=1e-6), tag
+
+
+def test_tensorboard_missing_stops_before_training_with_an_install_hint(tmp_path, capsys, monkeypatch):
+    for name in [n for n in sys.modules if n.split(".")[0] == "tensorboard" or n.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)          # import tensorboard now fails, as when missing
+    assert train.main(tiny_overrides(tmp_path) + ["run.tensorboard=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run.tensorboard=true needs") and "pip install tensorboard" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "shapes").exists() and not (tmp_path / "runs").exists()     # nothing prepared or trained
 
 
 def test_truncated_checkpoint_is_reported_not_traced(tmp_path):
