@@ -18,7 +18,7 @@ invocation only. With --jobs 2
 two runs share the cores (one thread each), which on 2 cores finishes the grid sooner than one run
 with two threads; the times in the table are then per run while sharing.
 
-    python benchmarks/ablation.py --grid matching --jobs 2 --threads 1   # the README's pre-registered experiment
+    python benchmarks/ablation.py --grid matching --jobs 2 --threads 1   # the pre-registered experiment (docs/experiment.md)
 
 `--grid matching` runs on two datasets, config.yaml's and the crowded preset (configs/shapes_crowded.yaml,
 its runs in <out>/crowded_<configuration>_seed<N>/). Every finished run is appended as one row to a
@@ -27,7 +27,7 @@ configuration, dataset, seed, every test recall, RSUM, median/mean ranks, every 
 best epoch's validation numbers, epochs, minutes, threads, commit and a hash of the run's saved config
 (without run names, paths, threads and seed). A run whose (configuration, dataset, seed, config hash)
 row is in the CSV is not trained again, so the committed CSV carries finished runs across sessions and
-machines; benchmarks/ablation_tables.py turns it into the README's tables.
+machines; benchmarks/ablation_tables.py turns it into docs/experiment.md's tables.
 """
 import argparse
 import concurrent.futures
@@ -89,7 +89,7 @@ GRIDS = {
         "gd/isd 0.1, deltas 0.7/0.5": ("max_pair", "all", ["loss.gd.weight=0.1", "loss.isd.weight=0.1",
                                                            "loss.gd.delta=0.7", "loss.isd.delta=0.5"]),
     },
-    # The pre-registered experiment (README "Pre-registered experiment: does maximal matching matter?"):
+    # The pre-registered experiment (docs/experiment.md):
     # H1 compares the three matchings with every loss, H2 the same three with DivE's Div + MMD only,
     # H3 each matching's two rows (GD + ISD added or not), so every run serves two hypotheses.
     "matching": {
@@ -112,7 +112,7 @@ BUDGET = ["train.epochs=3"]
 # to train.py as dotted overrides (its run.* keys left out), so a run is fully named by its overrides.
 DATASETS = {"default": None, "crowded": os.path.join("configs", "shapes_crowded.yaml")}
 # Per grid: the datasets and seeds it runs unless --datasets / --seeds say otherwise. The matching
-# grid's seeds leave out 0, the seed config.yaml's loss weights were tuned with (README).
+# grid's seeds leave out 0, the seed config.yaml's loss weights were tuned with (docs/ablation.md).
 GRID_DATASETS = {"matching": ["default", "crowded"]}
 GRID_SEEDS = {"matching": [1, 2, 3, 4, 5, 6, 7, 8], "quick": [0, 1]}
 # Config keys that do not change what a run computes (names, places, thread count, logging) or that the CSV

@@ -1,10 +1,10 @@
-"""The README tables of the pre-registered experiment, from the CSV that benchmarks/ablation.py writes.
+"""The tables of the pre-registered experiment (docs/experiment.md), from the CSV that benchmarks/ablation.py writes.
 
     python benchmarks/ablation_tables.py                                   # benchmarks/results/matching.csv
     python benchmarks/ablation_tables.py runs/ablation_quick/results.csv   # any results CSV
 
 Per dataset: one row per configuration (mean ± sample std over seeds of test RSUM, R@1 both ways and
-the collapse measures), then every pre-registered comparison of the README's hypotheses H1-H3 as
+the collapse measures), then every pre-registered comparison of docs/experiment.md's hypotheses H1-H3 as
 paired differences over the seeds both configurations finished (same seed = same initial weights and
 batches): the mean, its 95% t-interval, and the number of seeds in which the claimed winner won. A
 comparison is "supported" when the interval lies above 0 (the claim's direction), "contradicted"
@@ -68,7 +68,7 @@ def main(argv=None):
         print(f"note: {dropped} row(s) of an older config hash left out\n")
     for dataset in sorted({row["dataset"] for row in rows}, key=lambda d: (d != "default", d)):
         chosen = [row for row in rows if row["dataset"] == dataset]
-        print(f"### Dataset `{dataset}`\n\n{configuration_table(chosen)}\n\n{hypothesis_table(chosen)}\n")
+        print(f"## Dataset `{dataset}`\n\n{configuration_table(chosen)}\n\n{hypothesis_table(chosen)}\n")
     return 0
 
 

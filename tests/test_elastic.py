@@ -14,7 +14,6 @@ import signal
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -157,12 +156,7 @@ def test_two_launchers_as_two_nodes_reach_the_weights_of_one_launcher_with_two_p
     launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                 "--rdzv-id=two-nodes"]
     nodes = [start_torchrun(args, launcher) for _ in range(2)]
-    try:
-        outputs = [node.communicate(timeout=RUN_LIMIT_S) for node in nodes]
-    except subprocess.TimeoutExpired:
-        for node in nodes:
-            kill_job(node)
-        pytest.fail("two launchers did not finish")
+    outputs = finish_launchers(nodes)
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
     assert_same_weights(weights(left_alone), weights(tmp_path / "runs" / "nodes" / "last.pt"))
 
@@ -180,12 +174,7 @@ def test_nodes_that_do_not_share_the_run_folder_stop_with_one_line_instead_of_tr
             shutil.copy(left_alone, tmp_path / "node0" / "runs" / "run" / "last.pt")
         nodes.append(start_torchrun(args, ["--nnodes=2", f"--node-rank={node}", "--nproc_per_node=1",
                                            "--master-addr=127.0.0.1", f"--master-port={port}"]))
-    try:
-        outputs = [node.communicate(timeout=RUN_LIMIT_S) for node in nodes]
-    except subprocess.TimeoutExpired:
-        for node in nodes:
-            kill_job(node)
-        pytest.fail("the launchers did not stop")
+    outputs = finish_launchers(nodes)
     errors = [line for _, stderr in outputs for line in stderr.splitlines() if line.startswith("error:")]
     assert all(node.returncode != 0 for node in nodes)
     assert errors and all("found different checkpoints" in line and "global steps -1 to 12" in line and
@@ -306,6 +295,16 @@ def run_and_kill(args, launcher, run_dir, at_global_step, rank=1):
         kill_job(process)
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def finish_launchers(launchers):
+    """(stdout, stderr) of each torchrun launcher once all have ended; kills them all past the limit."""
+    try:
+        return [launcher.communicate(timeout=RUN_LIMIT_S) for launcher in launchers]
+    except subprocess.TimeoutExpired:
+        for launcher in launchers:
+            kill_job(launcher)
+        pytest.fail(f"the launchers did not end within {RUN_LIMIT_S} s")
 
 
 def wait_for_logged_step(process, log, global_step, timeout=RUN_LIMIT_S):

@@ -30,6 +30,27 @@ TINY = ["run.num_threads=1", "model.embed_dim=32", f"model.num_embeds={K}", "mod
 PNG_NAMES = ["image_attention.png", "retrieval_t2i.png", "retrieval_i2t.png", "intra_set_cosines.png"]
 
 
+def with_encoders(shapes_cfg, tmp_path, image, text):
+    """(config, vocabulary) of a tiny shapes config with another image encoder (vit | precomputed:
+    region features written into tmp_path) and text encoder (gru | bert: a word-level tokenizer
+    folder written into tmp_path); the vocabulary is None for BERT."""
+    cfg = copy.deepcopy(shapes_cfg)
+    if image == "vit":
+        cfg["model"]["image"] = {**tiny_config("vit")["model"]["image"], "finetune": True}
+    else:
+        write_precomputed(tmp_path / "precomp", num_images=6, regions=5, feature_dim=12)
+        cfg["data"].update(dataset="precomputed", root=str(tmp_path / "precomp"))
+        cfg["model"]["image"].update(type="precomputed", feature_dim=12)
+    vocab = build_vocabulary(training_captions(cfg["data"]), 1)
+    if text == "bert":
+        words = vocab[5:]
+        cfg["model"]["text"] = {**tiny_config("cnn", "bert")["model"]["text"], "finetune": True, "global_pool": "cls",
+                                "tokenizer": write_bert_tokenizer(str(tmp_path / "tokenizer"), words)}
+        cfg["model"]["text"]["bert_config"]["vocab_size"] = len(words) + 5
+        vocab = None
+    return cfg, vocab
+
+
 def write_checkpoint(path, cfg, vocab, seed=0):
     """A randomly initialised model of `cfg` saved as train.py saves best.pt."""
     torch.manual_seed(seed)
@@ -339,20 +360,7 @@ def test_histogram_values_are_the_evaluated_intra_set_cosines():
 @pytest.mark.parametrize("image, text", [("vit", "bert"), ("precomputed", "gru")])
 def test_figures_for_vit_patches_bert_words_and_region_bars(shapes_checkpoint, tmp_path, image, text):
     _, shapes_cfg = shapes_checkpoint
-    cfg = copy.deepcopy(shapes_cfg)
-    if image == "vit":
-        cfg["model"]["image"] = {**tiny_config("vit")["model"]["image"], "finetune": True}
-    else:
-        write_precomputed(tmp_path / "precomp", num_images=6, regions=5, feature_dim=12)
-        cfg["data"].update(dataset="precomputed", root=str(tmp_path / "precomp"))
-        cfg["model"]["image"].update(type="precomputed", feature_dim=12)
-    vocab = build_vocabulary(training_captions(cfg["data"]), 1)
-    if text == "bert":
-        words = vocab[5:]
-        cfg["model"]["text"] = {**tiny_config("cnn", "bert")["model"]["text"], "finetune": True, "global_pool": "cls",
-                                "tokenizer": write_bert_tokenizer(str(tmp_path / "tokenizer"), words)}
-        cfg["model"]["text"]["bert_config"]["vocab_size"] = len(words) + 5
-        vocab = None
+    cfg, vocab = with_encoders(shapes_cfg, tmp_path, image, text)
     checkpoint = load_checkpoint(write_checkpoint(tmp_path / "best.pt", cfg, vocab))
     model, loader, device = build_eval_context(cfg, checkpoint, "test")
     encoded = encode_split(model, loader, device)

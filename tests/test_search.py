@@ -19,12 +19,10 @@ import config
 import evaluate
 import search
 import train
-from data import build_vocabulary, training_captions
 from model import build_model, load_checkpoint
 from similarity import score_matrix
-from test_model import tiny_config
-from test_presets import write_bert_tokenizer
-from test_train import REPO, tiny_overrides, write_precomputed
+from test_figures import with_encoders
+from test_train import REPO, tiny_overrides
 
 QUERY = "a large red circle above a small blue square"
 
@@ -97,20 +95,8 @@ def test_api_encodings_and_recalls_equal_evaluate_on_the_test_split_of_a_trained
 
 @pytest.mark.parametrize("image, text", [("vit", "bert"), ("precomputed", "gru")])
 def test_api_encodings_equal_evaluate_for_vit_bert_and_region_checkpoints(trained_run, tmp_path, image, text):
-    cfg = config.checkpoint_config(load_checkpoint(trained_run), trained_run)
-    if image == "vit":
-        cfg["model"]["image"] = {**tiny_config("vit")["model"]["image"], "finetune": True}
-    else:
-        write_precomputed(tmp_path / "precomp", num_images=6, regions=5, feature_dim=12)
-        cfg["data"].update(dataset="precomputed", root=str(tmp_path / "precomp"))
-        cfg["model"]["image"].update(type="precomputed", feature_dim=12)
-    vocab = build_vocabulary(training_captions(cfg["data"]), 1)
-    if text == "bert":
-        words = vocab[5:]
-        cfg["model"]["text"] = {**tiny_config("cnn", "bert")["model"]["text"], "finetune": True, "global_pool": "cls",
-                                "tokenizer": write_bert_tokenizer(str(tmp_path / "tokenizer"), words)}
-        cfg["model"]["text"]["bert_config"]["vocab_size"] = len(words) + 5
-        vocab = None
+    cfg, vocab = with_encoders(config.checkpoint_config(load_checkpoint(trained_run), trained_run), tmp_path, image,
+                               text)
     torch.manual_seed(0)
     path = tmp_path / "random.pt"
     torch.save({"model": build_model(cfg, vocab).state_dict(), "config": cfg, "vocab": vocab, "epoch": 0}, path)
