@@ -299,3 +299,11 @@ def test_reproducibility_tables_give_the_largest_move_and_compare_repeats_and_th
     assert "every metric identical" in text
     alone = repro.tables([row("base", 0, "300.0", "aa")])           # no other setting: no move to report
     assert "| smooth_chamfer div+mmd | 5 | rsum | 300.00 | - |" in alone and "| 1 of 19 metrics differ |" in alone
+
+
+def test_the_reproducibility_pages_tables_are_the_scripts_output_on_the_committed_csv():
+    # docs/reproducibility.md promises its tables are `reproducibility.py --table` on the committed CSV
+    result = run_script(["benchmarks/reproducibility.py", "--table"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(os.path.join(REPO, "docs", "reproducibility.md"), encoding="utf-8") as handle:
+        assert result.stdout.strip() in handle.read()
