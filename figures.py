@@ -662,7 +662,8 @@ def training_curves(log_path):
 def read_training_log(path):
     """(step lines, epoch lines, skipped): the per-step lines (with global_step) by global step and
     the per-epoch summaries (with val or collapse) by epoch. A later line for the same step or epoch
-    replaces an earlier one (a resumed run logs again from its checkpoint); a line that is not a JSON
+    replaces an earlier one (train.py drops the lines past the checkpoint it continues, but a log
+    written before it did, or edited by hand, can hold a step twice); a line that is not a JSON
     object (a run killed while writing it) is skipped and counted."""
     steps, epochs, skipped = {}, {}, 0
     with open(path, encoding="utf-8") as handle:
