@@ -64,6 +64,7 @@ from similarity import rounding_slack, score_matrix, upper_bound_sums
 
 BOUND_METHODS = ("max_pair", "greedy")     # similarities the row-maxima bound prunes
 CHUNK_BYTES = 32 * 2**20                   # gallery sets read per step of the bound pass
+FIRST_MATCHED = 32                         # top_k matches the best max(2k, this) bounds first
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 REGION_EXTENSIONS = (".npy",)              # region (BUTD) checkpoints index feature arrays
 GALLERY_FORMAT, GALLERY_VERSION = "maxmatch-gallery", 1
@@ -201,8 +202,9 @@ def top_k(query, gallery, k, method="max_pair", options=None, gallery_kind="imag
     gallery: (N, K_g, D) tensor or a Gallery. Returns a SearchResult: positions (k',) long and scores
     (k',) float32 with k' = min(k, N), equal scores ordered by gallery position, and `matched`, how
     many items were matched exactly. For max_pair and greedy only items whose row-maxima bound
-    reaches the running k-th exact score (less the rounding slack) are matched; for the other
-    methods the bound pass computes every float32 score and the same rule picks which to recompute.
+    reaches the running k-th exact score (less the rounding slack) are matched, the best max(2k, 32)
+    bounds first; for the other methods the bound pass computes every float32 score and the same
+    rule picks which to recompute. NaN or inf in the query or the gallery raise a ValueError.
     """
     options = dict(options or {})
     count = len(gallery)
@@ -212,7 +214,7 @@ def top_k(query, gallery, k, method="max_pair", options=None, gallery_kind="imag
     query = query.detach().float()
     bounds, largest = bound_pass(query, gallery, method, options, gallery_kind, chunk_items)   # (N,)
     slack = rounding_slack(largest, torch.float32, options.get("score", "mean"))
-    step = min(count, max(4 * k, 64))
+    step = min(count, max(2 * k, FIRST_MATCHED))
     first_bounds, chosen = bounds.topk(step)               # the best bounds; every other one is <= their minimum
     positions = [chosen]
     scores = [exact_scores(query, take_sets(gallery, chosen, query.device), method, options, gallery_kind)]
@@ -245,19 +247,21 @@ class SearchResult(NamedTuple):
 
 def exact_scores(query, sets, method, options, gallery_kind):
     """Exact similarity of one query set with gallery sets (n, K_g, D) -> (n,) float32: computed in
-    float64 and rounded, so equal sets get equal scores wherever they sit in a batch."""
+    float64 and rounded, so equal sets get equal scores wherever they sit in a batch. The bound pass
+    has checked every value for NaN and inf already (those checks cost more than matching 32 sets)."""
     query, sets = query.double().unsqueeze(0), sets.double()
     if gallery_kind == "images":
-        scores = score_matrix(sets, query, method=method, **options)[:, 0]
+        scores = score_matrix(sets, query, method=method, check_finite=False, **options)[:, 0]
     else:
-        scores = score_matrix(query, sets, method=method, **options)[0]
+        scores = score_matrix(query, sets, method=method, check_finite=False, **options)[0]
     return scores.float()
 
 
 def bound_pass(query, gallery, method, options, gallery_kind, chunk_items=None):
     """Per gallery item an upper bound of its score (N,) float32, and a bound of every |cosine| (for
     the slack): the mean of the smaller side's row maxima (METHOD.md §5) for max_pair and greedy,
-    the float32 score itself for the other methods. One pass over the gallery in chunks."""
+    the float32 score itself for the other methods. One pass over the gallery in chunks; a NaN or
+    inf anywhere in the query or the gallery raises a ValueError (it reaches the cosines' extremes)."""
     num_embeds, dim = query.shape
     gallery_embeds = gallery_shape(gallery)[1]
     chunk_items = chunk_items or max(1, CHUNK_BYTES // (4 * gallery_embeds * dim))
@@ -270,13 +274,18 @@ def bound_pass(query, gallery, method, options, gallery_kind, chunk_items=None):
             # batch-last (1, K_v, K_t, n): the maxima are then vectorised over the items (15x faster here
             # than reducing the 4 x 4 blocks in place)
             blocks = cos.permute(1, 2, 0) if gallery_kind == "images" else cos.permute(2, 1, 0)
-            sums = upper_bound_sums(blocks.contiguous().unsqueeze(0), options.get("score", "mean"))[0]
-            torch.div(sums, min(num_embeds, gallery_embeds), out=bounds[start:end])
-            smallest_cos, largest_cos = torch.aminmax(cos)
-            largest = max(largest, -smallest_cos.item(), largest_cos.item())
+            score = options.get("score", "mean")
+            bounds[start:end] = upper_bound_sums(blocks.contiguous().unsqueeze(0), score)[0]   # matched sums
+            smallest_cos, largest_cos = (value.item() for value in torch.aminmax(cos))
+            if not math.isfinite(smallest_cos + largest_cos):
+                raise ValueError("non-finite values (NaN or inf) in the query or the gallery sets: "
+                                 "cosines would be meaningless")
+            largest = max(largest, -smallest_cos, largest_cos)
         else:
             bounds[start:end] = exact_float32(query, sets, method, options, gallery_kind)
             largest = max(largest, 1.0, bounds[start:end].abs().amax().item())
+    if method in BOUND_METHODS:
+        bounds /= min(num_embeds, gallery_embeds)            # matched sums -> scores, once (not per chunk)
     return bounds, largest
 
 

@@ -179,6 +179,19 @@ def test_pruned_top_k_equals_the_exhaustive_ranking_with_ties_in_gallery_order(k
                 assert found.matched >= k
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["max_pair", "chamfer"])
+def test_nan_or_inf_in_the_query_or_the_gallery_raises(bad, method):
+    gallery, queries = make_gallery("random", 100, 4, 4, seed=2)
+    broken_gallery, broken_query = gallery.clone(), queries[0].clone()
+    broken_gallery[63, 2, 5] = bad
+    broken_query[1, 0] = bad
+    for gallery_kind in ("images", "captions"):
+        for query, sets in ((queries[0], broken_gallery), (broken_query, gallery)):
+            with pytest.raises(ValueError, match="non-finite"):
+                search.top_k(query, sets, 10, method, {}, gallery_kind, chunk_items=37)
+
+
 def test_planted_ties_come_out_in_gallery_order():
     gallery, queries = make_gallery("trained_like", 50, 4, 4, seed=1)
     best = search.top_k(queries[0], gallery, 1).positions.item()

@@ -335,6 +335,17 @@ def test_non_finite_inputs_raise(bad):
         similarity.greedy_assignment(blocks)
 
 
+def test_score_matrix_without_finiteness_checks_gives_the_same_scores_and_lets_nan_through():
+    images = torch.nn.functional.normalize(torch.randn(7, 4, 8, dtype=torch.float64), dim=-1)
+    captions = torch.nn.functional.normalize(torch.randn(5, 4, 8, dtype=torch.float64), dim=-1)
+    for method in similarity.METHODS:
+        checked = similarity.score_matrix(images, captions, method)
+        assert torch.equal(similarity.score_matrix(images, captions, method, check_finite=False), checked)
+    captions[2, 1, 3] = float("nan")
+    unchecked = similarity.score_matrix(images, captions, check_finite=False)
+    assert unchecked[:, 2].isnan().all() and unchecked[:, [0, 1, 3, 4]].isfinite().all()
+
+
 def test_overflowing_cosines_raise():
     images = torch.full((2, 2, 4), 1e30)  # finite inputs whose dot products overflow to inf
     with pytest.raises(ValueError, match="non-finite"):
