@@ -19,6 +19,7 @@ import yaml
 from losses import maxmatch_loss
 from similarity import METHODS, pairwise_similarity
 
+SET_ELEMENT_TERMS = ("div", "gd", "isd")    # loss terms on a set's elements apart from the global feature
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
 
 
@@ -82,6 +83,7 @@ def validate_config(cfg, world_size):
                       sets[:, 0], sets[:, 0])
     except (ValueError, TypeError) as error:
         raise ConfigError(f"loss section: {error}") from None
+    check_single_vector(cfg)
     method = cfg["eval"]["method"]
     if method is not None and method not in METHODS:
         raise ConfigError(f"eval.method={method!r} is unknown; use one of {', '.join(METHODS)} or null")
@@ -97,6 +99,25 @@ def validate_config(cfg, world_size):
                           "or a number of steps")
     if not cfg["run"]["dist_timeout_s"] or cfg["run"]["dist_timeout_s"] <= 0:
         raise ConfigError(f"run.dist_timeout_s={cfg['run']['dist_timeout_s']!r}; use a number of seconds above 0")
+
+
+def check_single_vector(cfg):
+    """model.set_head.type=none is one vector per item (METHOD.md §1): K must be 1, and the terms that
+    act on set elements apart from the global feature (Div, GD, ISD) have nothing to act on."""
+    head_type = cfg["model"]["set_head"]["type"]
+    if head_type not in ("slots", "none"):
+        raise ConfigError(f"model.set_head.type={head_type!r} is unknown; use slots or none")
+    if head_type != "none":
+        return
+    if cfg["model"]["num_embeds"] != 1:
+        raise ConfigError(f"model.set_head.type=none is one vector per item: set model.num_embeds=1 "
+                          f"(it is {cfg['model']['num_embeds']})")
+    weighted = [term for term in SET_ELEMENT_TERMS if cfg["loss"][term]["weight"]]
+    if weighted:
+        raise ConfigError("model.set_head.type=none leaves " + ", ".join(f"loss.{t}" for t in weighted)
+                          + " nothing to act on (its element is the global feature): set "
+                          + " ".join(f"loss.{t}.weight=0" for t in weighted)
+                          + ", or use configs/shapes_single_vector.yaml")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -97,8 +97,16 @@ def training_captions(data_cfg):
     """Raw captions of the training split only (COCO: train + restval; precomputed: train_caps.txt)."""
     if data_cfg["dataset"] == "precomputed":
         return _read_caption_file(Path(data_cfg["root"]) / "train_caps.txt")
-    records = _split_records(_load_karpathy(data_cfg), "train", _karpathy_path(data_cfg))
+    records = _split_records(_load_karpathy(data_cfg), "train", karpathy_json_path(data_cfg))
     return [caption for record in records for caption in record["captions"]]
+
+
+def karpathy_json_path(data_cfg):
+    """The Karpathy-layout JSON of an image dataset: data.karpathy_json, else <root>/dataset_<name>.json."""
+    if data_cfg["karpathy_json"]:
+        return Path(data_cfg["karpathy_json"])
+    name = KARPATHY_NAMES.get(data_cfg["dataset"], data_cfg["dataset"])
+    return Path(data_cfg["root"]) / f"dataset_{name}.json"
 
 
 def build_text_tokenizer(text_cfg, vocab=None):
@@ -205,7 +213,7 @@ def build_dataset(cfg, split, tokenizer, train):
                                   region_drop=float(data_cfg["region_drop"]), **common)
     if dataset not in IMAGE_DATASETS:
         raise DataError(f"unknown data.dataset {dataset!r}: use shapes, coco, f30k or precomputed")
-    records = _split_records(_load_karpathy(data_cfg), split, _karpathy_path(data_cfg))
+    records = _split_records(_load_karpathy(data_cfg), split, karpathy_json_path(data_cfg))
     image_dir = _image_dir(data_cfg)
     paths = [image_dir / r["filepath"] / r["filename"] for r in records]
     missing = [p for p in paths if not p.is_file()]
@@ -481,20 +489,13 @@ def _random_resized_crop_box(image_size, scale, ratio, rng):
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def _karpathy_path(data_cfg):
-    if data_cfg["karpathy_json"]:
-        return Path(data_cfg["karpathy_json"])
-    name = KARPATHY_NAMES.get(data_cfg["dataset"], data_cfg["dataset"])
-    return Path(data_cfg["root"]) / f"dataset_{name}.json"
-
-
 def _image_dir(data_cfg):
     return Path(data_cfg["image_dir"]) if data_cfg["image_dir"] else Path(data_cfg["root"]) / "images"
 
 
 def _load_karpathy(data_cfg):
     """Validated records [{'filename', 'filepath', 'split', 'captions': [raw, ...]}] of a Karpathy JSON."""
-    path = _karpathy_path(data_cfg)
+    path = karpathy_json_path(data_cfg)
     root = Path(data_cfg["root"])
     if not data_cfg["karpathy_json"] and not root.is_dir():
         raise DataError(f"data root {root} does not exist: set data.root to the dataset folder")
@@ -605,7 +606,7 @@ def _inspect_data(data_cfg, examples=5):
         records = _load_karpathy(data_cfg)
     except DataError as error:
         return [str(error)], counts
-    path, image_dir = _karpathy_path(data_cfg), _image_dir(data_cfg)
+    path, image_dir = karpathy_json_path(data_cfg), _image_dir(data_cfg)
     for split in ("train", "val", "test"):
         try:
             chosen = _split_records(records, split, path)

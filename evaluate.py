@@ -24,15 +24,17 @@ import tempfile
 import torch
 
 from config import ConfigError, apply_overrides, checkpoint_config
-from data import DataError, build_loader, build_text_tokenizer, prepare_data
+from data import DataError, build_loader, build_text_tokenizer, karpathy_json_path, prepare_data
 from figures import FiguresError, check_figures_request, write_figures
 from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
+from shapes import shapes_relation
 from similarity import rank_preserving_scores, score_matrix
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 PROTOCOLS = ("all", "1k")          # result keys that hold metrics; the others are 'collapse', 'method'...
 COCO_TEST_IMAGES, COCO_FOLD_IMAGES = 5000, 1000   # MS-COCO 5K test (val) split and its 1K folds
 RANK_BOUND_METHODS = ("max_pair", "greedy")         # eval.rank_bounds applies to these
+MODALITIES = ("image", "caption")                   # the two sides of the collapse diagnostics
 
 
 class DataMismatchError(Exception):
@@ -120,8 +122,35 @@ def five_fold_metrics(scores, caption_to_image, fold_size=1000):
     return averaged
 
 
-def collapse_diagnostics(sets, global_):
+def complete_positive_metrics(scores, positives, chunk_size=1024):
+    """Retrieval against EVERY fitting item, both directions (percent), as ECCV Caption computes it.
+
+    scores (N_img, N_cap); positives (N_img, N_cap) bool, True where caption t fits image i (its
+    own image included). Every query needs at least one positive. For a query with R positives,
+    ranked over the whole gallery (never truncated):
+      R-Precision = (positives among the first R) / R
+      mAP@R       = (1/R) sum_{r <= R} precision@r * [the r-th item is a positive]  (Musgrave et al., 2020)
+      R@1         = [the first item is a positive]
+    Ties count AGAINST the positives, as in `retrieval_metrics`: a positive tied with a
+    non-positive ranks after it. Returns {"i2t": {...}, "t2i": {...}}, each {"map_at_r",
+    "r_precision", "r1", "positives_per_query"} (the mean R, a count). NaN scores raise ValueError.
+    """
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    if torch.isnan(scores).any():
+        raise ValueError("NaN in the score matrix: ranks would be meaningless")
+    positives = positives.to(scores.device).bool()
+    if positives.shape != scores.shape:
+        raise ValueError(f"positives have shape {tuple(positives.shape)}, the scores {tuple(scores.shape)}")
+    return {"i2t": _query_positive_metrics(scores, positives, chunk_size),
+            "t2i": _query_positive_metrics(scores.t(), positives.t(), chunk_size)}
+
+
+def collapse_diagnostics(sets, global_, single_vector=False):
     """How collapsed the sets are (METHOD.md §5): sets (N, K, D) unit-norm, global_ (N, D) unit-norm.
+
+    A measure without meaning is None, not a number (`collapse_note` says why): at K = 1 every
+    measure across a set's elements (there is one element), and with single_vector=True (no set
+    head: the element IS the global feature) global_cos as well.
 
     intra_set_cos: mean cosine between two different elements of one set (1 = collapsed);
     global_cos: mean cosine of an element to its own global feature;
@@ -138,6 +167,10 @@ def collapse_diagnostics(sets, global_):
     """
     sets, global_ = sets.float(), global_.float()
     num_elements = sets.shape[1]
+    if num_elements == 1:
+        global_cos = None if single_vector else (sets[:, 0] * global_).sum(-1).mean().item()
+        return {"intra_set_cos": None, "global_cos": global_cos, "log_set_variance": None,
+                "log_circular_variance": None}
     gram = sets @ sets.transpose(1, 2)                                         # (N, K, K)
     off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=1)
     pairs = max(num_elements * (num_elements - 1), 1)
@@ -176,21 +209,60 @@ def encode_split(model, loader, device, amp=None):
             torch.cat(caption_globals), torch.cat(owners))
 
 
-def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False, encoded=None):
-    """Encode the loader's split, score it, and return {protocol: metrics} plus 'collapse', 'method'.
+def evaluate_model(model, cfg, loader, device, method=None, options=None, progress=False, encoded=None,
+                   split=None):
+    """Encode the loader's split, score it, and return {protocol: metrics} plus 'complete' (or
+    'complete_note'), 'collapse', 'method'.
 
     'all' ranks within the whole split (for 5,000 MS-COCO images: the 5K protocol); 5,000
-    MS-COCO images also give '1k', the mean over five folds of 1,000. This dict is the one JSON
-    layout of test_metrics.json and `evaluate.py --out` (see `write_results`). `encoded`:
-    encode_split's output for this loader when the caller already has it.
+    MS-COCO images also give '1k', the mean over five folds of 1,000. With `split` named and a
+    dataset whose complete relation is known (the built-in shapes data), 'complete' holds
+    `complete_positive_metrics` against every fitting item; otherwise 'complete_note' says why
+    not. This dict is the one JSON layout of test_metrics.json and `evaluate.py --out` (see
+    `write_results`). `encoded`: encode_split's output for this loader when the caller already has it.
     """
     method, options = similarity_settings(cfg, method, options)
+    positives, source = complete_relation(cfg, split, loader.dataset if loader is not None else None)
     scores, caption_to_image, collapse = score_split(model, cfg, loader, device, method, options, progress,
-                                                     encoded, ranks_only=True)
+                                                     encoded, ranks_only=positives is None)
     results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
+    results.update(complete_results(scores, positives, source))
     results["collapse"] = collapse
     results["method"] = method
     return results
+
+
+def complete_relation(cfg, split, dataset=None):
+    """(positives, source): positives (N_img, N_cap) bool, True where caption t fits image i, for the
+    evaluation loader's image and caption order, and the relation's source; or (None, why there is
+    none). Known for the built-in shapes data (`shapes.shapes_relation`); a loader `dataset` whose
+    images are not the relation's, in order, raises DataError instead of giving wrong numbers."""
+    data_cfg = cfg["data"]
+    if data_cfg["dataset"] != "shapes":
+        return None, (f"no complete-positive metrics for data.dataset={data_cfg['dataset']}: only the built-in "
+                      "shapes data records every fitting image-caption pair"
+                      + (" (MS-COCO: evaluate.py --eccv)" if data_cfg["dataset"] in ("coco", "precomputed") else ""))
+    if split is None:
+        return None, "no complete-positive metrics: the split was not named"
+    json_path = karpathy_json_path(data_cfg)
+    relation = shapes_relation(json_path, split, int(data_cfg["captions_per_image"]))
+    if dataset is not None and [path.name for path in dataset.paths] != relation["filenames"]:
+        raise DataError(f"the images of split {split!r} are not those of {json_path} in its order: "
+                        "regenerate the data (delete the folder) or point data.root at the generated one")
+    caption_images = relation["caption_images"]
+    positives = torch.zeros(len(relation["filenames"]), len(caption_images), dtype=torch.bool)
+    captions = torch.tensor([t for t, fitting in enumerate(caption_images) for _ in fitting], dtype=torch.long)
+    images = torch.tensor([i for fitting in caption_images for i in fitting], dtype=torch.long)
+    positives[images, captions] = True
+    return positives, "the shapes generator's relation"
+
+
+def complete_results(scores, positives, source):
+    """{'complete': metrics + 'source'} from `complete_positive_metrics`, or {'complete_note': why not}
+    when `positives` is None (`source` then holds the reason)."""
+    if positives is None:
+        return {"complete_note": source}
+    return {"complete": {**complete_positive_metrics(scores, positives), "source": source}}
 
 
 def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=False, draw=None):
@@ -223,9 +295,11 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
         else:
             check_same_split(reference, (path, model_split, signature))
         encoded = encode_split(model, loader, device, cfg["train"]["amp"]) if draw else None
-        scores, caption_to_image, collapse = score_split(model, cfg, loader, device, model_method, options,
-                                                         progress, encoded, ranks_only=len(paths) == 1)
+        positives, source = complete_relation(cfg, model_split, loader.dataset)
+        scores, caption_to_image, collapse = score_split(model, cfg, loader, device, model_method, options, progress,
+                                                         encoded, ranks_only=len(paths) == 1 and positives is None)
         results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
+        results.update(complete_results(scores, positives, source))
         per_model.append({"ckpt": path, "split": model_split, **results, "collapse": collapse,
                           "method": model_method})
         if draw:
@@ -241,6 +315,7 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
         return per_model, None
     summed /= len(paths)
     ensemble = ranking_results(summed, caption_to_image, cfg["data"]["dataset"])
+    ensemble.update(complete_results(summed, positives, source))
     ensemble["method"] = f"mean of {len(paths)} score matrices ({', '.join(r['method'] for r in per_model)})"
     return per_model, ensemble
 
@@ -268,11 +343,26 @@ def score_split(model, cfg, loader, device, method, options, progress=False, enc
     else:
         scores = score_matrix(image_sets, caption_sets, method=method, chunk_size=cfg["eval"]["chunk_size"],
                               progress=progress, **options)
+    single_vector = cfg["model"]["set_head"]["type"] == "none"
     collapse = {
-        "image": collapse_diagnostics(image_sets, image_globals),
-        "caption": collapse_diagnostics(caption_sets, caption_globals),
+        "image": collapse_diagnostics(image_sets, image_globals, single_vector),
+        "caption": collapse_diagnostics(caption_sets, caption_globals, single_vector),
     }
+    note = collapse_note(image_sets.shape[1], single_vector)
+    if note:
+        collapse["note"] = note
     return scores, caption_to_image, collapse
+
+
+def collapse_note(num_elements, single_vector):
+    """Why some collapse measures are absent (None), or None when all are defined."""
+    if single_vector:
+        return ("one vector per item (model.set_head.type=none): no set to collapse, and its element is "
+                "the global feature; every collapse measure is absent")
+    if num_elements == 1:
+        return ("K = 1: intra-set cosine, set variance and circular variance need two elements per set "
+                "and are absent")
+    return None
 
 
 def ranking_results(scores, caption_to_image, dataset):
@@ -363,8 +453,11 @@ def format_results(results, title=""):
     lines = [title] if title else []
     lines.append(metrics_header(""))
     lines += [f"{protocol:8s}{metrics_row(metrics)}" for protocol, metrics in results.items() if protocol in PROTOCOLS]
+    lines += complete_lines(results)
     lines.append(f"similarity: {results.get('method')}   {COLLAPSE_HEADER}")
-    lines += [f"  {modality:8s}{collapse_row(diag)}" for modality, diag in results["collapse"].items()]
+    lines += [f"  {modality:8s}{collapse_row(results['collapse'][modality])}" for modality in MODALITIES]
+    if results["collapse"].get("note"):
+        lines.append(f"  ({results['collapse']['note']})")
     return "\n".join(lines)
 
 
@@ -376,11 +469,15 @@ def format_ensemble(per_model, ensemble):
     for name, results in [(r["ckpt"], r) for r in per_model] + [("ensemble", ensemble)]:
         lines += [f"{name:{width}s}{protocol:8s}{metrics_row(metrics)}"
                   for protocol, metrics in results.items() if protocol in PROTOCOLS]
+    for name, results in [(r["ckpt"], r) for r in per_model] + [("ensemble", ensemble)]:
+        lines += complete_lines(results, f"{name}: ")
     lines.append(f"ensemble: {ensemble['method']}")
     lines.append(COLLAPSE_HEADER)
     for results in per_model:
-        lines += [f"  {results['ckpt']:{width}s}{modality:8s}{collapse_row(diag)}"
-                  for modality, diag in results["collapse"].items()]
+        lines += [f"  {results['ckpt']:{width}s}{modality:8s}{collapse_row(results['collapse'][modality])}"
+                  for modality in MODALITIES]
+        if results["collapse"].get("note"):
+            lines.append(f"  {results['ckpt']:{width}s}({results['collapse']['note']})")
     return "\n".join(lines)
 
 
@@ -473,7 +570,46 @@ def separate_overrides(argv, parser):
     return flags, overrides
 
 
+def _query_positive_metrics(scores, positives, chunk_size):
+    """complete_positive_metrics for the queries of the rows: scores, positives (Q, N)."""
+    counts = positives.sum(dim=1)                                                   # R per query, (Q,)
+    if counts.eq(0).any():
+        raise ValueError(f"{int(counts.eq(0).sum())} queries have no positive: every query needs one")
+    map_at_r, r_precision, r1 = [], [], []
+    for first in range(0, scores.shape[0], chunk_size):
+        rows, relevant = scores[first:first + chunk_size], positives[first:first + chunk_size]
+        # non-positives first, then a stable sort by score: a tie puts the positive after the non-positive
+        positives_last = torch.sort(relevant.to(torch.uint8), dim=1, stable=True).indices         # (q, N)
+        by_score = torch.sort(rows.gather(1, positives_last), dim=1, descending=True, stable=True).indices
+        ranked = relevant.gather(1, positives_last.gather(1, by_score))             # (q, N) bool, ranked order
+        hits = ranked.cumsum(dim=1)                                                  # positives in the first r
+        count = counts[first:first + chunk_size]
+        position = torch.arange(1, ranked.shape[1] + 1, device=ranked.device)
+        within = position[None, :] <= count[:, None]
+        map_at_r.append((hits / position * ranked * within).sum(dim=1) / count)
+        r_precision.append(hits.gather(1, (count - 1)[:, None]).squeeze(1) / count)
+        r1.append(ranked[:, 0].double())
+    return {"map_at_r": 100.0 * torch.cat(map_at_r).double().mean().item(),
+            "r_precision": 100.0 * torch.cat(r_precision).double().mean().item(),
+            "r1": 100.0 * torch.cat(r1).mean().item(),
+            "positives_per_query": counts.double().mean().item()}
+
+
 COLLAPSE_HEADER = "set collapse (intra-set cos | cos to global | log var | log circ var):"
+
+
+def complete_lines(results, prefix=""):
+    """The complete-positive metrics as two rows under the R@K table, or the one line saying why not."""
+    if "complete" not in results:
+        return [f"{prefix}{results['complete_note']}"] if results.get("complete_note") else []
+    complete = results["complete"]
+    lines = [f"{prefix}against every fitting item ({complete['source']}):",
+             f"{'':8s}{'mAP@R':>9s}{'R-Prec':>9s}{'R@1':>9s}{'positives':>11s}"]
+    for direction in ("i2t", "t2i"):
+        metrics = complete[direction]
+        lines.append(f"{direction:8s}{metrics['map_at_r']:9.2f}{metrics['r_precision']:9.2f}{metrics['r1']:9.2f}"
+                     f"{metrics['positives_per_query']:11.2f}")
+    return lines
 
 
 def metrics_header(prefix):
@@ -487,8 +623,11 @@ def metrics_row(metrics):
 
 
 def collapse_row(diag):
-    return (f"{diag['intra_set_cos']:8.3f} | {diag['global_cos']:6.3f} | {diag['log_set_variance']:7.3f} | "
-            f"{diag['log_circular_variance']:7.3f}")
+    def cell(key, width, digits=3):
+        return f"{'n/a':>{width}s}" if diag[key] is None else f"{diag[key]:{width}.{digits}f}"
+
+    return (f"{cell('intra_set_cos', 8)} | {cell('global_cos', 6)} | {cell('log_set_variance', 7)} | "
+            f"{cell('log_circular_variance', 7)}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ def build_model(cfg, vocab=None):
     image_encoder = build_image_encoder(model_cfg["image"], embed_dim, dropout, cfg["data"])
     text_encoder = build_text_encoder(model_cfg["text"], embed_dim, dropout, vocab)
     head_cfg = model_cfg["set_head"]
+    if head_cfg["type"] == "none":       # the single-vector baseline: the global feature alone (K = 1)
+        if model_cfg["num_embeds"] != 1:
+            raise ModelError(f"model.set_head.type=none is one vector per item: set model.num_embeds=1 "
+                             f"(it is {model_cfg['num_embeds']})")
+        return MaxMatchModel(image_encoder, text_encoder, image_head=GlobalHead(dim=embed_dim),
+                             text_head=GlobalHead(dim=embed_dim))
+    if head_cfg["type"] != "slots":
+        raise ModelError(f"model.set_head.type={head_cfg['type']!r} is unknown; use slots or none")
     head_kwargs = dict(dim=embed_dim, num_slots=model_cfg["num_embeds"], depth=head_cfg["depth"],
                        heads=head_cfg["heads"], share_weights=head_cfg["share_weights"],
                        dropout=dropout)
@@ -151,6 +159,25 @@ class SetHead(nn.Module):
             return embedding
         totals = head_weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(head_weights.dtype).tiny)
         return embedding, SetAttention((head_weights / totals).mean(dim=1), mask)   # (B, K, N)
+
+
+class GlobalHead(nn.Module):
+    """No set head (model.set_head.type=none): the item is its global feature alone, a set of one.
+
+    S_1 = normalize(LN_res(g)), the VSE-style single vector DivE's sets are built on; the residual
+    is 0 (there is none), so `sets` (B, 1, D) and `global_` hold the same unit vector.
+    """
+
+    def __init__(self, *, dim):
+        super().__init__()
+        self.norm_global = nn.LayerNorm(dim)
+
+    def forward(self, local, mask, global_feature, return_attention=False):
+        if return_attention:
+            raise ModelError("model.set_head.type=none has no set elements that attend: no attention to return")
+        global_normed = F.normalize(self.norm_global(global_feature), dim=-1)    # (B, D)
+        return SetEmbedding(global_normed.unsqueeze(1), torch.zeros_like(global_normed).unsqueeze(1),
+                            global_normed)
 
 
 class SetHeadBlock(nn.Module):

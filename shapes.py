@@ -166,23 +166,50 @@ def stored_shapes_params(root):
     return stored
 
 
-def shapes_caption_ambiguity(json_path, split="test"):
-    """Difficulty diagnostic for a generated shapes split: for each caption, how many images of the
-    split it truly describes. Returns {'oracle_t2i_r1': mean 1/matches (the best text-to-image R@1
-    any model can reach), 'unique': share of captions matching one image, 'captions': count}."""
+def shapes_relation(json_path, split="test", captions_per_image=None):
+    """The complete image-caption relation of a generated split: which images every caption fits.
+
+    A caption fits an image when distinct objects of the image match every object the caption
+    describes, in the attributes the caption mentions (shape and colour always; size and grid cell
+    when worded), and its stated left/right/above/below relation holds between the first two.
+    Its own image always fits. Captions are taken as the evaluation loader takes them (data.py):
+    the first `captions_per_image` of each image, cycled when an image has fewer; None = all.
+
+    Returns {"filenames": the split's image files in file order, "caption_to_image": the index of
+    every caption's own image, "caption_images": for every caption the sorted indices of the images
+    it fits, "image_captions": for every image the sorted indices of the captions that fit it}.
+    Candidates are indexed by object type, so 1,000 x 5,000 takes well under a second.
+    """
     content = json.loads(Path(json_path).read_text(encoding="utf-8"))
-    images = [entry["objects"] for entry in content["images"] if entry["split"] == split]
+    entries = [entry for entry in content["images"] if entry["split"] == split]
+    images = [entry["objects"] for entry in entries]
     by_type = collections.defaultdict(set)
     for number, objects in enumerate(images):
         for obj in objects:
             by_type[(obj["shape"], obj["colour"])].add(number)
-    inverse_matches = []
-    for entry in (e for e in content["images"] if e["split"] == split):
-        for sentence in entry["sentences"]:
+    caption_to_image, caption_images = [], []
+    image_captions = [[] for _ in images]
+    for number, entry in enumerate(entries):
+        sentences = entry["sentences"]
+        count = len(sentences) if captions_per_image is None else captions_per_image
+        for position in range(count):
+            sentence = sentences[position % len(sentences)]
             described = [(entry["objects"][i], set(m)) for i, m in zip(sentence["objects"], sentence["mentioned"])]
             candidates = set.intersection(*(by_type[(o["shape"], o["colour"])] for o, _ in described))
-            matches = sum(_caption_fits(described, sentence["relation"], images[c]) for c in candidates)
-            inverse_matches.append(1.0 / matches)
+            fitting = sorted(c for c in candidates if _caption_fits(described, sentence["relation"], images[c]))
+            for image in fitting:
+                image_captions[image].append(len(caption_images))
+            caption_to_image.append(number)
+            caption_images.append(fitting)
+    return {"filenames": [entry["filename"] for entry in entries], "caption_to_image": caption_to_image,
+            "caption_images": caption_images, "image_captions": image_captions}
+
+
+def shapes_caption_ambiguity(json_path, split="test"):
+    """Difficulty diagnostic for a generated shapes split: for each caption, how many images of the
+    split it truly describes (`shapes_relation`). Returns {'oracle_t2i_r1': mean 1/matches (the best
+    text-to-image R@1 any model can reach), 'unique': share of captions matching one image, 'captions': count}."""
+    inverse_matches = [1.0 / len(fitting) for fitting in shapes_relation(json_path, split)["caption_images"]]
     return {"oracle_t2i_r1": sum(inverse_matches) / len(inverse_matches),
             "unique": sum(x == 1.0 for x in inverse_matches) / len(inverse_matches),
             "captions": len(inverse_matches)}

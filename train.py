@@ -232,8 +232,10 @@ def train_epochs(cfg, context, state, stop, save, trainer, model, optimizer, sch
         state["epoch"], state["step"] = epoch + 1, 0
         summary = {"epoch": epoch + 1, "train": running.means(), "time_s": round(time.time() - started, 1)}
         if context.is_main:
-            results = evaluate_model(model, cfg, val_loader, context.device)
+            results = evaluate_model(model, cfg, val_loader, context.device, split="val")
             summary["val"] = results["all"]
+            if "complete" in results:       # logged beside RSUM; best.pt is still chosen on RSUM
+                summary["val_complete"] = results["complete"]
             summary["collapse"] = results["collapse"]
             is_best = results["all"]["rsum"] > state["best_rsum"]
             state["best_rsum"] = max(state["best_rsum"], results["all"]["rsum"])
@@ -311,7 +313,7 @@ def final_test(cfg, run_dir, device):
     """Evaluate best.pt on the test split, print the table and write test_metrics.json."""
     checkpoint = load_checkpoint(os.path.join(run_dir, "best.pt"))
     model, loader, device = build_eval_context(cfg, checkpoint, cfg["data"]["test_split"], device)
-    results = evaluate_model(model, cfg, loader, device)
+    results = evaluate_model(model, cfg, loader, device, split=cfg["data"]["test_split"])
     print(format_results(results, title=f"test split, best checkpoint (epoch {checkpoint['epoch']})"), flush=True)
     write_results(results, os.path.join(run_dir, "test_metrics.json"))     # the layout of evaluate.py --out
     return results

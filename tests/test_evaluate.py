@@ -236,9 +236,9 @@ def test_a_coco_sized_split_adds_the_five_fold_protocol_and_keeps_all(monkeypatc
     monkeypatch.setattr(evaluate, "encode_split", lambda *args: encoded)
     cfg = {"eval": {"method": None, "similarity_options": None, "chunk_size": 4, "rank_bounds": True},
            "loss": {"similarity": "max_pair", "similarity_options": {}},
-           "train": {"amp": "off"}, "data": {"dataset": dataset}}
+           "train": {"amp": "off"}, "data": {"dataset": dataset}, "model": {"set_head": {"type": "slots"}}}
     results = evaluate.evaluate_model(None, cfg, None, "cpu")
-    assert set(results) == protocols | {"collapse", "method"}
+    assert set(results) == protocols | {"complete_note", "collapse", "method"}
     scores = evaluate.score_matrix(encoded[0], encoded[2], method="max_pair")
     assert results["all"] == retrieval_metrics(scores, encoded[4])
     if "1k" in protocols:
@@ -255,7 +255,7 @@ def test_a_collapsed_model_scores_zero_recall_in_all_and_1k(monkeypatch):
     monkeypatch.setattr(evaluate, "encode_split", lambda *args: encoded)
     cfg = {"eval": {"method": None, "similarity_options": None, "chunk_size": 7, "rank_bounds": True},
            "loss": {"similarity": "max_pair", "similarity_options": {}},
-           "train": {"amp": "off"}, "data": {"dataset": "coco"}}
+           "train": {"amp": "off"}, "data": {"dataset": "coco"}, "model": {"set_head": {"type": "slots"}}}
     results = evaluate.evaluate_model(None, cfg, None, "cpu")
     for protocol in ("all", "1k"):
         for key in evaluate.RECALL_KEYS + ("rsum",):

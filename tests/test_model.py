@@ -33,7 +33,7 @@ def tiny_config(image="cnn", text="gru", **set_head):
         "model": {"embed_dim": D, "num_embeds": K, "dropout": 0.1,
                   "image": {**defaults["image"], **copy.deepcopy(IMAGE_CONFIGS[image])},
                   "text": {**defaults["text"], **copy.deepcopy(TEXT_CONFIGS[text])},
-                  "set_head": {"depth": 2, "heads": 4, "share_weights": True, **set_head}},
+                  "set_head": {"type": "slots", "depth": 2, "heads": 4, "share_weights": True, **set_head}},
     }
 
 

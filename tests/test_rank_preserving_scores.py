@@ -120,7 +120,7 @@ def test_evaluate_model_gives_the_same_results_with_and_without_rank_bounds(monk
     for rank_bounds in (True, False):
         cfg = {"eval": {"method": method, "similarity_options": None, "chunk_size": 8, "rank_bounds": rank_bounds},
                "loss": {"similarity": "max_pair", "similarity_options": {}},
-               "train": {"amp": "off"}, "data": {"dataset": "shapes"}}
+               "train": {"amp": "off"}, "data": {"dataset": "shapes"}, "model": {"set_head": {"type": "slots"}}}
         results[rank_bounds] = evaluate.evaluate_model(None, cfg, None, "cpu")
     assert results[True] == results[False]
 
