@@ -582,15 +582,15 @@ def _query_positive_metrics(scores, positives, chunk_size):
         positives_last = torch.sort(relevant.to(torch.uint8), dim=1, stable=True).indices         # (q, N)
         by_score = torch.sort(rows.gather(1, positives_last), dim=1, descending=True, stable=True).indices
         ranked = relevant.gather(1, positives_last.gather(1, by_score))             # (q, N) bool, ranked order
-        hits = ranked.cumsum(dim=1)                                                  # positives in the first r
+        hits = ranked.cumsum(dim=1).double()                                         # positives in the first r
         count = counts[first:first + chunk_size]
         position = torch.arange(1, ranked.shape[1] + 1, device=ranked.device)
         within = position[None, :] <= count[:, None]
         map_at_r.append((hits / position * ranked * within).sum(dim=1) / count)
         r_precision.append(hits.gather(1, (count - 1)[:, None]).squeeze(1) / count)
         r1.append(ranked[:, 0].double())
-    return {"map_at_r": 100.0 * torch.cat(map_at_r).double().mean().item(),
-            "r_precision": 100.0 * torch.cat(r_precision).double().mean().item(),
+    return {"map_at_r": 100.0 * torch.cat(map_at_r).mean().item(),
+            "r_precision": 100.0 * torch.cat(r_precision).mean().item(),
             "r1": 100.0 * torch.cat(r1).mean().item(),
             "positives_per_query": counts.double().mean().item()}
 

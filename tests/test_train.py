@@ -139,6 +139,11 @@ def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(t
     for name in ("config.yaml", "log.jsonl", "last.pt", "best.pt", "test_metrics.json"):
         assert (run_dir / name).is_file(), name
     assert "rsum" in result.stdout and "i2t_r1" in result.stdout
+    assert "against every fitting item" in result.stdout and "mAP@R" in result.stdout
+    complete = json.loads((run_dir / "test_metrics.json").read_text())["complete"]
+    assert set(complete) == {"i2t", "t2i", "source"}
+    assert set(complete["t2i"]) == {"map_at_r", "r_precision", "r1", "positives_per_query"}
+    assert complete["t2i"]["positives_per_query"] >= 1.0 and complete["i2t"]["positives_per_query"] >= 5.0
     checkpoint = load_checkpoint(str(run_dir / "best.pt"))
     assert checkpoint["vocab"][:5] == ["<pad>", "<start>", "<end>", "<unk>", "<mask>"]
     assert checkpoint["config"]["loss"]["similarity"] == "max_pair"
@@ -161,7 +166,7 @@ def test_tiny_run_writes_every_artifact_and_evaluate_needs_only_the_checkpoint(t
         assert best["epoch"] == checkpoint["epoch"]
         val_out = tmp_path / "val.json"
         assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--split", "val", "--out", str(val_out)]) == 0
-        assert_same_results({"all": best["val"], "collapse": best["collapse"]},
+        assert_same_results({"all": best["val"], "complete": best["val_complete"], "collapse": best["collapse"]},
                             {k: v for k, v in json.loads(val_out.read_text()).items() if k != "method"})
         assert evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--method", "greedy", "--split", "val"]) == 0
         assert "similarity: greedy" in capsys.readouterr().out
