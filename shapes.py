@@ -13,7 +13,6 @@ Imports no other file of this repository.
 import collections
 import contextlib
 import inspect
-import itertools
 import json
 import math
 import os
@@ -182,11 +181,13 @@ def shapes_relation(json_path, split="test", captions_per_image=None):
     """
     content = json.loads(Path(json_path).read_text(encoding="utf-8"))
     entries = [entry for entry in content["images"] if entry["split"] == split]
-    images = [entry["objects"] for entry in entries]
+    # An image's objects have distinct (shape, colour) types and every described object names both,
+    # so each described object can only be the image's object of its type: no assignment to search.
+    images = [{(obj["shape"], obj["colour"]): obj for obj in entry["objects"]} for entry in entries]
     by_type = collections.defaultdict(set)
     for number, objects in enumerate(images):
-        for obj in objects:
-            by_type[(obj["shape"], obj["colour"])].add(number)
+        for object_type in objects:
+            by_type[object_type].add(number)
     caption_to_image, caption_images = [], []
     image_captions = [[] for _ in images]
     for number, entry in enumerate(entries):
@@ -363,17 +364,16 @@ def _caption(objects, subject, rng, params):
 
 
 def _caption_fits(described, relation, objects):
-    """True when distinct objects of an image match every described (object, mentioned attributes)."""
-    def fits(wanted, attributes, obj):
-        keys = [k for k in ("shape", "colour", "size") if k in attributes]
-        keys += ["row", "col"] if "position" in attributes else []
-        return all(obj[k] == wanted[k] for k in keys)
-
-    for chosen in itertools.permutations(objects, len(described)):
-        if all(fits(wanted, attributes, obj) for (wanted, attributes), obj in zip(described, chosen)):
-            if relation is None or _relation_holds(relation, chosen[0], chosen[1]):
-                return True
-    return False
+    """True when the image's objects of the described types ({type: object}, types distinct) match every
+    described (object, mentioned attributes) and the stated relation holds between the first two."""
+    chosen = []
+    for wanted, attributes in described:
+        obj = objects.get((wanted["shape"], wanted["colour"]))
+        if obj is None or ("size" in attributes and obj["size"] != wanted["size"]) or (
+                "position" in attributes and (obj["row"], obj["col"]) != (wanted["row"], wanted["col"])):
+            return False
+        chosen.append(obj)
+    return relation is None or _relation_holds(relation, chosen[0], chosen[1])
 
 
 def _relation_holds(relation, first, second):

@@ -20,12 +20,15 @@ with two threads; the times in the table are then per run while sharing.
 
     python benchmarks/ablation.py --grid matching --jobs 2 --threads 1   # the pre-registered experiment (docs/experiment.md)
 
-`--grid matching` runs on two datasets, config.yaml's and the crowded preset (configs/shapes_crowded.yaml,
+    python benchmarks/ablation.py --grid sets --jobs 2 --threads 1       # the second one (docs/experiment_sets.md)
+
+`--grid matching` and `--grid sets` run on two datasets, config.yaml's and the crowded preset (configs/shapes_crowded.yaml,
 its runs in <out>/crowded_<configuration>_seed<N>/). Every finished run is appended as one row to a
 CSV (default benchmarks/results/<grid>.csv; --quick: <out>/results.csv, never benchmarks/results/):
 configuration, dataset, seed, every test recall, RSUM, median/mean ranks, every collapse measure, the
 best epoch's validation numbers, epochs, minutes, threads, commit and a hash of the run's saved config
-(without run names, paths, threads and seed). A run whose (configuration, dataset, seed, config hash)
+(without run names, paths, threads and seed); the sets grid adds the test and validation metrics
+against every fitting item (mAP@R, R-Precision, R@1, positives per query, both directions). A run whose (configuration, dataset, seed, config hash)
 row is in the CSV is not trained again, so the committed CSV carries finished runs across sessions and
 machines; benchmarks/ablation_tables.py turns it into docs/experiment.md's tables.
 """
@@ -53,7 +56,10 @@ REGULARISERS = {
     "div+mmd": ["loss.gd.weight=0", "loss.isd.weight=0"],              # DivE's losses (the paper's baselines)
     "gd+isd": ["loss.mmd.weight=0", "loss.div.weight=0"],              # the paper's two new losses only
     "all": [],                                                         # MaxMatch: all four
+    "single": ["loss.div.weight=0", "loss.gd.weight=0", "loss.isd.weight=0"],   # one vector: MMD only
 }
+# The single-vector baseline (METHOD.md §1): no set head, K = 1; every similarity is then the cosine.
+SINGLE_VECTOR = ["model.set_head.type=none", "model.num_embeds=1"]
 
 # METHOD.md §3's starting values of the two new losses (config.yaml has the tuned ones).
 START_GD_ISD = ["loss.gd.weight=0.01", "loss.isd.weight=0.01", "loss.gd.scale=10", "loss.isd.scale=10",
@@ -100,21 +106,35 @@ GRIDS = {
         "smooth_chamfer div+mmd": ("smooth_chamfer", "div+mmd", []),
         "mil div+mmd": ("mil", "div+mmd", []),
     },
+    # The second pre-registered experiment (docs/experiment_sets.md): H4 sets against one vector,
+    # H5 max_pair against smooth_chamfer, both with every loss, judged against every fitting item.
+    "sets": {
+        "max_pair all": ("max_pair", "all", []),
+        "smooth_chamfer all": ("smooth_chamfer", "all", []),
+        "single vector": ("max_pair", "single", SINGLE_VECTOR),
+    },
     "quick": {
         "mil div+mmd": ("mil", "div+mmd", []),
         "max_pair all": ("max_pair", "all", []),
+    },
+    "quick_sets": {
+        "max_pair all": ("max_pair", "all", []),
+        "single vector": ("max_pair", "single", SINGLE_VECTOR),
     },
 }
 
 # The reduced training budget of every full run: config.yaml's model and data, 3 epochs instead of 8.
 BUDGET = ["train.epochs=3"]
+# Grids with a budget of their own (the sets experiment's, sized by its pilot: docs/experiment_sets.md).
+GRID_BUDGET = {"sets": ["train.epochs=SETS_EPOCHS_TBD"]}
 # Datasets: name -> preset merged over config.yaml (None: config.yaml's own data). A preset is passed
 # to train.py as dotted overrides (its run.* keys left out), so a run is fully named by its overrides.
 DATASETS = {"default": None, "crowded": os.path.join("configs", "shapes_crowded.yaml")}
 # Per grid: the datasets and seeds it runs unless --datasets / --seeds say otherwise. The matching
 # grid's seeds leave out 0, the seed config.yaml's loss weights were tuned with (docs/ablation.md).
-GRID_DATASETS = {"matching": ["default", "crowded"]}
-GRID_SEEDS = {"matching": [1, 2, 3, 4, 5, 6, 7, 8], "quick": [0, 1]}
+GRID_DATASETS = {"matching": ["default", "crowded"], "sets": ["default", "crowded"]}
+GRID_SEEDS = {"matching": [1, 2, 3, 4, 5, 6, 7, 8], "sets": [1, 2, 3, 4, 5, 6, 7, 8], "quick": [0, 1],
+              "quick_sets": [0, 1]}
 # Config keys that do not change what a run computes (names, places, thread count, logging) or that the CSV
 # keeps in its own column (seed): left out of the config hash.
 UNHASHED_KEYS = ("run.name", "run.out_dir", "run.num_threads", "run.seed", "run.tensorboard", "data.root",
@@ -127,6 +147,11 @@ CSV_COLUMNS = (["configuration", "dataset", "seed", "method", "regularisers", "e
                + ["val_rsum", "val_i2t_r1", "val_t2i_r1"]
                + [f"val_{side}_{key}" for side in ("image", "caption") for key in COLLAPSE_KEYS]
                + ["minutes", "threads", "commit", "config_hash", "finished_utc"])
+COMPLETE_KEYS = ("map_at_r", "r_precision", "r1", "positives_per_query")
+# The sets grids also keep the metrics against every fitting item (test, and the best epoch's validation).
+COMPLETE_COLUMNS = [f"{prefix}complete_{direction}_{key}" for prefix in ("", "val_") for direction in ("i2t", "t2i")
+                    for key in COMPLETE_KEYS]
+GRID_COLUMNS = {"sets": CSV_COLUMNS + COMPLETE_COLUMNS, "quick_sets": CSV_COLUMNS + COMPLETE_COLUMNS}
 # The quick mode: tiny data and model, one epoch (as the train.py tests use), seconds per run.
 QUICK_BUDGET = ["train.epochs=1", "train.batch_size=8", "eval.batch_size=16", "model.embed_dim=32",
                 "model.num_embeds=2", "model.set_head.depth=1", "model.text.word_dim=16",
@@ -137,7 +162,8 @@ QUICK_BUDGET = ["train.epochs=1", "train.batch_size=8", "eval.batch_size=16", "m
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grid", choices=sorted(GRIDS), default="ablation")
-    parser.add_argument("--quick", action="store_true", help="tiny data, 2 configurations x 2 seeds")
+    parser.add_argument("--quick", action="store_true", help="tiny data, 2 configurations x 2 seeds "
+                        "(with --grid sets: the sets grid's max_pair and single-vector rows)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="default: 0 1 2 (matching: 1 to 8; quick: 0 1)")
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
@@ -154,7 +180,8 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for every run, e.g. train.epochs=2")
     args = parser.parse_args(argv)
 
-    grid = "quick" if args.quick else args.grid
+    grid = ("quick_sets" if args.grid == "sets" else "quick") if args.quick else args.grid
+    columns = GRID_COLUMNS.get(grid, CSV_COLUMNS)
     configurations = GRIDS[grid]
     if args.only:
         unknown = sorted(set(args.only) - set(configurations))
@@ -167,13 +194,13 @@ def main(argv=None):
     results_path = os.path.abspath(args.results or (os.path.join(out, "results.csv") if args.quick else
                                                     os.path.join(REPO, "benchmarks", "results", f"{grid}.csv")))
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
-    budget = list(QUICK_BUDGET if args.quick else BUDGET)
+    budget = list(QUICK_BUDGET if args.quick else GRID_BUDGET.get(grid, BUDGET))
     if any(o.startswith("data.root=") for o in args.overrides) and len(datasets) > 1:
         parser.error("data.root would put every dataset in one folder; run one --datasets at a time")
 
     try:
         jobs = plan_jobs(configurations, datasets, seeds, budget, args.overrides, out, threads, args.quick)
-        finished = read_results(results_path)
+        finished = read_results(results_path, columns)
     except (ConfigError, ValueError) as error:     # a bad override or preset, a CSV of other columns
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -192,7 +219,7 @@ def main(argv=None):
     print(f"{len(jobs)} runs ({len(configurations)} configurations x {len(datasets)} dataset(s) x {len(seeds)} "
           f"seeds), {args.jobs} at a time, {threads} thread(s) each; runs in {out}, results in {results_path}",
           flush=True)
-    recorder = ResultsRecorder(results_path, finished, commit=git_commit())
+    recorder = ResultsRecorder(results_path, finished, commit=git_commit(), columns=columns)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: recorder.run_or_reuse(job, out, threads), jobs))
 
@@ -336,7 +363,8 @@ def summarise(configurations, results, split="test"):
             row["seconds"] = mean_std([r["seconds"] for r in runs])
             for side in ("image", "caption"):
                 for key in ("intra_set_cos", "global_cos", "log_set_variance"):
-                    row[f"{side}_{key}"] = mean_std([r[prefix + "collapse"][side][key] for r in runs])
+                    row[f"{side}_{key}"] = mean_std([math.nan if r[prefix + "collapse"][side][key] is None
+                                                     else r[prefix + "collapse"][side][key] for r in runs])
         rows.append(row)
     return rows
 
@@ -389,8 +417,8 @@ def prepare_dataset(overrides):
 class ResultsRecorder:
     """The CSV of finished runs: reuses a run found there, appends a row when a run finishes."""
 
-    def __init__(self, path, finished, commit):
-        self.path, self.finished, self.commit = path, finished, commit
+    def __init__(self, path, finished, commit, columns=CSV_COLUMNS):
+        self.path, self.finished, self.commit, self.columns = path, finished, commit, columns
         self.lock = threading.Lock()
 
     def run_or_reuse(self, job, out, threads):
@@ -402,7 +430,8 @@ class ResultsRecorder:
             return {**row_result(row), **identity, "error": None, "reused": True}
         result = {**run_one(job["label"], job["seed"], job["overrides"], out=out), **identity}
         if not result["error"]:
-            self.append(results_row(job, result["run_dir"], result["seconds"], threads, self.commit))
+            row = results_row(job, result["run_dir"], result["seconds"], threads, self.commit)
+            self.append({key: row.get(key, "") for key in self.columns})
         return result
 
     def append(self, row):
@@ -410,7 +439,7 @@ class ResultsRecorder:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             new_file = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
             with open(self.path, "a", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+                writer = csv.DictWriter(handle, fieldnames=self.columns)
                 if new_file:
                     writer.writeheader()
                 writer.writerow(row)
@@ -419,7 +448,7 @@ class ResultsRecorder:
             self.finished[results_key(row["configuration"], row["dataset"], row["seed"], row["config_hash"])] = row
 
 
-def read_results(path):
+def read_results(path, columns=CSV_COLUMNS):
     """{(configuration, dataset, seed, config hash): row} of a results CSV ({} when there is none)."""
     if not os.path.exists(path):
         return {}
@@ -427,8 +456,8 @@ def read_results(path):
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             return {}
-        if list(reader.fieldnames) != list(CSV_COLUMNS):
-            raise ValueError(f"{path} has the columns {reader.fieldnames}, not this script's {list(CSV_COLUMNS)}; "
+        if list(reader.fieldnames) != list(columns):
+            raise ValueError(f"{path} has the columns {reader.fieldnames}, not this grid's {list(columns)}; "
                              "move it aside or pass --results")
         return {results_key(row["configuration"], row["dataset"], row["seed"], row["config_hash"]): row
                 for row in reader}
@@ -453,7 +482,12 @@ def results_row(job, run_dir, seconds, threads, commit):
     for prefix, collapse in (("", metrics["collapse"]), ("val_", best["collapse"])):
         for side in ("image", "caption"):
             for key in COLLAPSE_KEYS:
-                row[f"{prefix}{side}_{key}"] = collapse[side].get(key, "")     # runs older than a measure: blank
+                value = collapse[side].get(key, "")       # runs older than a measure: blank
+                row[f"{prefix}{side}_{key}"] = "" if value is None else value       # absent at K = 1: blank
+    for prefix, complete in (("", metrics.get("complete")), ("val_", best.get("val_complete"))):
+        for direction in ("i2t", "t2i"):
+            for key in COMPLETE_KEYS:
+                row[f"{prefix}complete_{direction}_{key}"] = complete[direction][key] if complete else ""
     return {key: round(value, 6) if isinstance(value, float) else value for key, value in row.items()}
 
 

@@ -107,3 +107,46 @@ def test_the_experiment_pages_results_are_the_scripts_output_on_the_committed_cs
     with open(os.path.join(REPO, "docs", "experiment.md"), encoding="utf-8") as handle:
         page = handle.read()
     assert result.stdout.strip() in page
+
+
+def sets_row(configuration, seed, map_i2t, map_t2i, rsum, dataset="default"):
+    """A row of the sets grid's CSV (ablation.GRID_COLUMNS['sets']); a single vector has no collapse numbers."""
+    values = row(configuration, seed, rsum, dataset=dataset)
+    values = {column: values.get(column, "0") for column in ablation.GRID_COLUMNS["sets"]}
+    values.update(complete_i2t_map_at_r=str(map_i2t), complete_t2i_map_at_r=str(map_t2i),
+                  complete_i2t_positives_per_query="6.5", complete_t2i_positives_per_query="1.3")
+    if configuration == "single vector":
+        for column in values:
+            if column.endswith(tuple(ablation.COLLAPSE_KEYS)):
+                values[column] = ""
+    return values
+
+
+def test_the_sets_experiment_decides_h4_and_h5_on_the_mean_of_both_directions_map_at_r(tmp_path):
+    rows = []
+    for seed in range(1, 5):
+        rows.append(sets_row("max_pair all", seed, 40 + seed, 20 + seed, 400 - seed))        # mean 30 + seed
+        rows.append(sets_row("smooth_chamfer all", seed, 40, 20, 390))                        # mean 30
+        rows.append(sets_row("single vector", seed, 50 + seed, 30, 380 + 2 * seed))          # mean 40 + seed / 2
+    h4 = ablation_tables.paired_difference(rows, "max_pair all", "single vector", "map_at_r")
+    assert h4["mean"] == pytest.approx(-10 + sum(s / 2 for s in range(1, 5)) / 4)     # -10 + seed / 2 per seed
+    assert h4["verdict"] == "contradicted" and h4["wins"] == 0
+    h5 = ablation_tables.paired_difference(rows, "max_pair all", "smooth_chamfer all", "map_at_r")
+    assert h5["mean"] == pytest.approx(2.5) and h5["verdict"] == "supported"
+    path = tmp_path / "sets.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ablation.GRID_COLUMNS["sets"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = subprocess.run([sys.executable, "benchmarks/ablation_tables.py", str(path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| **H4** |" in result.stdout and "| **H5** |" in result.stdout and "H1" not in result.stdout
+    assert "| single vector | 4 | 41.2 ± 0.6 |" in result.stdout       # mean of the two directions
+    assert "| - / - |" in result.stdout                                # no collapse measures for one vector
+    # RSUM orders max_pair > smooth_chamfer > single vector, mAP@R single vector first; per seed, max_pair vs
+    # single vector disagree on every seed, max_pair vs smooth_chamfer agree on every seed
+    assert "| test RSUM (R@K, written ground truth) | max_pair all > smooth_chamfer all > single vector |" in result.stdout
+    assert "| mAP@R (every fitting item) | single vector > max_pair all > smooth_chamfer all |" in result.stdout
+    assert "| max_pair all vs single vector | 4 | 0 / 4 |" in result.stdout
+    assert "| max_pair all vs smooth_chamfer all | 4 | 4 / 4 |" in result.stdout
