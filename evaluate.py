@@ -275,7 +275,8 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     sum is accumulated in place in the first model's matrix: one score matrix plus the one being
     added are in memory at a time. Checkpoints whose split differs (other images, captions,
     caption counts or order) raise DataMismatchError naming the two. `draw(model, cfg, loader, device,
-    encoded, results, options)`, if given, is called for each model with its encoded split (--figures).
+    encoded, results, options, positives=...)`, if given, is called for each model with its encoded
+    split and `complete_relation`'s positives (None without a known relation) (--figures).
     """
     for path in paths:                      # a missing file fails before hours of encoding the others
         if not os.path.isfile(path):
@@ -303,7 +304,7 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
         per_model.append({"ckpt": path, "split": model_split, **results, "collapse": collapse,
                           "method": model_method})
         if draw:
-            draw(model, cfg, loader, device, encoded, per_model[-1], options)
+            draw(model, cfg, loader, device, encoded, per_model[-1], options, positives=positives)
         del model, encoded
         if len(paths) > 1:
             if summed is None:

@@ -13,13 +13,22 @@ For a seeded sample of N split images (`run.seed`; default N = 8) `write_figures
                            and the three scores;
 - retrieval_t2i.png / retrieval_i2t.png   top-5 images for some captions and top-5 captions for some
                            images, ground truth marked, scored exactly by the evaluation similarity;
+                           where the split's complete relation is known (the built-in data,
+                           evaluate.complete_relation), the items that fit the query without being
+                           its written ground truth (what R@K counts a miss) marked apart (FITS);
 - intra_set_cosines.png    histograms of the intra-set cosines of the whole split, with the collapse
                            numbers of the evaluation in the title;
 - curve_*.png              when the run's log.jsonl lies beside the checkpoint (train.py writes it
                            there): one line chart per quantity it holds: every loss term, the
                            gradient norm and the learning rate per logged step, validation RSUM and
                            each collapse measure (image and caption sets) per epoch;
-- index.html               every PNG with a short caption, the curves in their own section.
+- index.html               every PNG with a short caption, the curves in their own section, and one
+                           line for each figure not drawn (and for unmarked retrieval figures) saying why.
+
+A figure without meaning for the model is not drawn: the attention figures with
+model.set_head.type=none (nothing attends) or at K = 1 (the slot softmax then gives one slot weight
+1 everywhere: a uniform map); the matchings and the intra-set histogram at K = 1 (one pair, no pair
+within a set); a collapse curve the log holds only as null (evaluate.collapse_note).
 
 Attention comes from the set head's documented `return_attention=True` (the last iteration's
 weights, mean over heads, summing to 1 over the real positions). Drawing uses Pillow and torch
@@ -54,6 +63,9 @@ TOP = 5                    # retrieved items per query
 
 WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (0, 0, 0), (110, 110, 110), (205, 205, 205)
 MARK = (0, 170, 0)         # ground truth and chosen matching cells
+FITS = (160, 40, 200)      # fits the query (complete relation) but is not its written ground truth
+MARK_COLOURS = {"own": MARK, "fits": FITS, "other": LIGHT}     # retrieval frames and swatches by kind
+TEXT_COLOURS = {"own": MARK, "fits": FITS, "other": BLACK}     # retrieval labels by kind
 IMAGE_COLOUR, CAPTION_COLOUR = (50, 90, 200), (230, 120, 20)
 # "inferno"-like ramp for attention maps (dark = 0, yellow = the map's peak)
 HEAT_RAMP = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
@@ -79,14 +91,19 @@ def check_figures_request(out_dir, count):
         raise FiguresError(f"--figures {out_dir!r} cannot be written ({error.strerror or error})") from None
 
 
-def write_figures(out_dir, model, cfg, loader, device, encoded, results, options, count=8, title="", log=None):
+def write_figures(out_dir, model, cfg, loader, device, encoded, results, options, count=8, title="", log=None,
+                  positives=None):
     """Draw every figure of the module docstring into out_dir; return the written file names.
 
     loader: the evaluation loader (unshuffled, so image i of `encoded` is dataset item i);
     encoded: evaluate.encode_split's (image_sets, image_globals, caption_sets, caption_globals,
-    caption_to_image) for that loader; results: evaluate_model's results (method, collapse);
-    options: the options of results["method"] the evaluation scored with; log: the run's log.jsonl,
-    whose curves are drawn when the file exists.
+    caption_to_image) for that loader; results: evaluate_model's results (method, collapse, and
+    'complete' or 'complete_note'); options: the options of results["method"] the evaluation scored
+    with; log: the run's log.jsonl, whose curves are drawn when the file exists; positives:
+    evaluate.complete_relation's (N_img, N_cap) bool matrix of every fitting pair, or None (then the
+    retrieval figures mark the written ground truth only, and index.html says why).
+    A figure without meaning for the model (attention without a set head or at K = 1, a matching
+    or intra-set cosines at K = 1) is not drawn; index.html says why in one line.
     """
     check_figures_request(out_dir, count)
     dataset = loader.dataset
@@ -94,15 +111,63 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, options
         (tensor.float() if tensor.is_floating_point() else tensor).cpu() for tensor in encoded)
     if len(dataset) != image_sets.shape[0]:
         raise FiguresError(f"the loader has {len(dataset)} images but {image_sets.shape[0]} were encoded")
+    if positives is not None and tuple(positives.shape) != (image_sets.shape[0], caption_sets.shape[0]):
+        raise FiguresError(f"the relation has shape {tuple(positives.shape)} but {image_sets.shape[0]} images "
+                           f"and {caption_sets.shape[0]} captions were encoded")
     indices = sample_images(len(dataset), count, cfg["run"]["seed"])
     pictures = {i: display_picture(dataset[i]) for i in indices}
-    tokenizer = dataset.tokenizer
+    num_elements = image_sets.shape[1]
+    written, notes = [], []
+    attention_absent = attention_absence(cfg["model"]["set_head"]["type"] == "none", num_elements)
+    if attention_absent:
+        notes.append(("image_attention.png, caption_attention_NN.png", f"not drawn: {attention_absent}"))
+    else:
+        draw_attention_figures(out_dir, model, loader, device, indices, pictures, cfg["model"]["image"]["type"],
+                               written)
+    if num_elements == 1:
+        notes.append(("matching_NN.png", "not drawn: K = 1: one image element and one caption element, so every "
+                                         "matching is that pair and every similarity is their cosine"))
+    else:
+        draw_matching_figures(out_dir, cfg, dataset, indices, pictures, image_sets, caption_sets, caption_to_image,
+                              written)
+    draw_retrieval_figures(out_dir, dataset, indices[:RETRIEVAL_QUERIES], pictures, image_sets, caption_sets,
+                           caption_to_image, results, options, positives, written)
+    if positives is None:
+        notes.append(("retrieval_t2i.png, retrieval_i2t.png", "no \"fits, not its own\" marking, only the written "
+                      "ground truth: " + results.get("complete_note", "no relation was given to write_figures")))
+    if num_elements == 1:
+        notes.append(("intra_set_cosines.png", "not drawn: K = 1: a set of one element has no pair of "
+                                               "elements to take a cosine of"))
+    else:
+        save_png(draw_intra_set_histogram(intra_set_cosines(image_sets), intra_set_cosines(caption_sets),
+                                          results["collapse"], num_elements),
+                 out_dir, "intra_set_cosines.png", written,
+                 f"Intra-set cosines of all {image_sets.shape[0]} images and {caption_sets.shape[0]} captions: "
+                 "near 1 = collapsed sets; the title holds the evaluation's collapse diagnostics.")
+    curves, curve_notes = [], []
+    if log is not None and os.path.isfile(log):
+        write_curves(out_dir, log, curves, curve_notes)
+    write_index(out_dir, written, title, curves, log, notes, curve_notes)
+    return [name for name, _ in written + curves] + ["index.html"]
+
+
+def attention_absence(single_vector, num_elements):
+    """Why the attention figures mean nothing for this model, or None when they are drawn."""
+    if single_vector:
+        return ("model.set_head.type=none has no set head: nothing attends, every item is its global "
+                "feature alone")
+    if num_elements == 1:
+        return ("K = 1: the set head's softmax runs over the slots, so the one slot takes weight 1 at every "
+                "position and every map is uniform (1/N)")
+    return None
+
+
+def draw_attention_figures(out_dir, model, loader, device, indices, pictures, image_type, written):
+    """image_attention.png and caption_attention_NN.png of the sampled images `indices`."""
+    dataset, tokenizer = loader.dataset, loader.dataset.tokenizer
     batch = loader.collate_fn([dataset[i] for i in indices])
     (image_out, image_attention), (caption_out, caption_attention) = slot_attention(model, batch, device)
     captions_per_image = batch["tokens"].shape[0] // len(indices)
-    image_type = cfg["model"]["image"]["type"]
-    written = []
-
     rows = []
     for row, index in enumerate(indices):
         real = image_attention.mask[row]
@@ -111,7 +176,6 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, options
     save_png(draw_image_attention(rows, image_type), out_dir, "image_attention.png", written,
              f"Image set elements: where each of the K elements attends (last set-head iteration, mean over "
              f"heads), for {len(indices)} seeded {image_type} images; cosine of each element to the global feature.")
-
     for row, index in enumerate(indices):
         captions = []
         for j in range(row * captions_per_image, (row + 1) * captions_per_image):
@@ -125,10 +189,14 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, options
                  f"Image #{index}'s captions: each caption set element's attention over the words, one row "
                  "per element (darker = more weight).")
 
+
+def draw_matching_figures(out_dir, cfg, dataset, indices, pictures, image_sets, caption_sets, caption_to_image,
+                          written):
+    """matching_NN.png of each sampled image with its first caption."""
     for row, index in enumerate(indices):
         caption = first_caption(caption_to_image, index)
         cos = image_sets[index] @ caption_sets[caption].T                                 # (K_v, K_t)
-        save_png(draw_matching(index, pictures[index], dataset_caption_text(dataset, tokenizer, index),
+        save_png(draw_matching(index, pictures[index], dataset_caption_text(dataset, dataset.tokenizer, index),
                                cos, matchings(cos, smooth_chamfer_alpha(cfg)),
                                matching_scores(image_sets[index], caption_sets[caption], cfg))[0],
                  out_dir, f"matching_{row:02d}.png", written,
@@ -136,26 +204,36 @@ def write_figures(out_dir, model, cfg, loader, device, encoded, results, options
                  "the matching smooth-Chamfer's soft weights favour (not one-to-one) and the greedy one, "
                  "with the three scores.")
 
-    method = results["method"]
-    queries = indices[:RETRIEVAL_QUERIES]
-    save_png(draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image,
-                                method, options), out_dir, "retrieval_t2i.png", written,
+
+def draw_retrieval_figures(out_dir, dataset, queries, pictures, image_sets, caption_sets, caption_to_image, results,
+                           options, positives, written):
+    """retrieval_t2i.png and retrieval_i2t.png for the query images; with `positives`, the items
+    that fit a query beyond its written ground truth marked apart, and the whole split's R@1 both ways."""
+    method, tokenizer = results["method"], dataset.tokenizer
+    marked = positives is not None
+    fits = " Purple frame = an image the caption fits that is not its own: R@K counts it a miss." if marked else ""
+    save_png(draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image, method,
+                                options, positives, split_r1_line(results, "t2i") if marked else None)[0],
+             out_dir, "retrieval_t2i.png", written,
              f"Text-to-image: the top {TOP} images for the first caption of {len(queries)} images "
-             f"({method}, exact scores); green frame = the caption's image.")
-    save_png(draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, caption_sets,
-                                caption_to_image, method, options), out_dir, "retrieval_i2t.png", written,
+             f"({method}, exact scores); green frame = the caption's image.{fits}")
+    fits = (" Purple [fits] = a caption that fits the image but was written for another: R@K counts it a miss."
+            if marked else "")
+    save_png(draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, caption_sets, caption_to_image,
+                                method, options, positives, split_r1_line(results, "i2t") if marked else None)[0],
+             out_dir, "retrieval_i2t.png", written,
              f"Image-to-text: the top {TOP} captions for {len(queries)} images ({method}, exact scores); "
-             "green = a ground-truth caption.")
-    save_png(draw_intra_set_histogram(intra_set_cosines(image_sets), intra_set_cosines(caption_sets),
-                                      results["collapse"], image_sets.shape[1]),
-             out_dir, "intra_set_cosines.png", written,
-             f"Intra-set cosines of all {image_sets.shape[0]} images and {caption_sets.shape[0]} captions: "
-             "near 1 = collapsed sets; the title holds the evaluation's collapse diagnostics.")
-    curves = []
-    if log is not None and os.path.isfile(log):
-        write_curves(out_dir, log, curves)
-    write_index(out_dir, written, title, curves, log)
-    return [name for name, _ in written + curves] + ["index.html"]
+             f"green [GT] = a ground-truth caption.{fits}")
+
+
+def split_r1_line(results, direction):
+    """The whole split's R@1 against the written ground truth and against every fitting item, or None."""
+    if "complete" not in results or "all" not in results:
+        return None
+    written_r1, complete_r1 = results["all"][f"{direction}_r1"], results["complete"][direction]["r1"]
+    target = "image" if direction == "t2i" else "caption"
+    return (f"Whole split: R@1 {written_r1:.1f} counting only the written ground truth, {complete_r1:.1f} "
+            f"counting every {target} that fits (mAP@R {results['complete'][direction]['map_at_r']:.1f}).")
 
 
 def sample_images(num_images, count, seed):
@@ -239,19 +317,22 @@ def dataset_caption_text(dataset, tokenizer, index, caption=0):
     return tokenizer.decode(dataset[index]["captions"][caption])
 
 
-def write_index(out_dir, written, title, curves=(), log=None):
-    """DIR/index.html: every figure with its caption, in the order written; then, when there are
-    any, the training curves under their own heading."""
+def write_index(out_dir, written, title, curves=(), log=None, notes=(), curve_notes=()):
+    """DIR/index.html: one line per note (subject, text): what is not drawn or not marked and why;
+    then every figure with its caption, in the order written; then, when there are any, the
+    training curves under their own heading, with their own notes."""
     parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>MaxMatch figures</title>",
              f"<style>{PAGE_STYLE}</style></head><body>",
              f"<h1>MaxMatch figures</h1><p>{html.escape(title)}</p>"]
-    sections = [(None, written)]
-    if curves:
+    sections = [(None, notes, written)]
+    if curves or curve_notes:
         sections.append((f"<h2 id=\"training-curves\">Training curves</h2><p>From {html.escape(str(log))}.</p>",
-                         curves))
-    for heading, figures in sections:
+                         curve_notes, curves))
+    for heading, section_notes, figures in sections:
         if heading:
             parts.append(heading)
+        for subject, text in section_notes:
+            parts.append(f"<p class=\"note\"><b>{html.escape(subject)}</b>: {html.escape(text)}</p>")
         for name, caption in figures:
             parts.append(f"<figure><img src=\"{html.escape(name)}\" alt=\"{html.escape(name)}\">"
                          f"<figcaption><b>{html.escape(name)}</b>: {html.escape(caption)}</figcaption></figure>")
@@ -453,16 +534,29 @@ def repeated_columns(assignment):
     return ["not one-to-one: " + ", ".join(repeated)] if repeated else ["one-to-one here by chance"]
 
 
-def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image, method, options):
-    """For the first caption of each query image: the top images, exact scores, ground truth framed."""
+def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, caption_to_image, method, options,
+                       positives=None, split_line=None):
+    """For the first caption of each query image: the top images, exact scores, ground truth framed;
+    with `positives` (N_img, N_cap) bool, the images the caption fits that are not its own framed
+    apart (FITS). `split_line`: a third header line (the whole split's R@1 both ways).
+
+    Returns the image and the marks: [{"query", "item", "kind", "box"}], one per drawn image, kind
+    "own" | "fits" | "other", box the pixel box of its frame.
+    """
     query_width = 40 * CHAR
     tile = SMALL_TILE + 8
     width = max(MIN_WIDTH, 2 * MARGIN + query_width + TOP * (tile + GAP))
     row_height = max(6 * LINE, tile) + 2 * LINE + GAP
-    canvas, draw, header = retrieval_canvas(
-        width, len(queries) * row_height,
-        f"Text-to-image: the top {TOP} images for a caption, scored by {method} (exact, this caption against "
-        "every image).", "Green frame: the caption's own image. Below each: rank, image, score.")
+    title = (f"Text-to-image: the top {TOP} images for a caption, scored by {method} (exact, this caption against "
+             "every image).")
+    if positives is None:
+        header_lines = [title, "Green frame: the caption's own image. Below each: rank, image, score."]
+    else:
+        header_lines = [title, [(MARK, "its own image"), (FITS, "fits, not its own image"),
+                                (LIGHT, "does not fit"), (None, "Below each: rank, image, score.")]]
+    canvas, draw, header = retrieval_canvas(width, len(queries) * row_height,
+                                            header_lines + ([split_line] if split_line else []))
+    marks = []
     for r, index in enumerate(queries):
         top = MARGIN + header + r * row_height
         caption = first_caption(caption_to_image, index)
@@ -471,11 +565,17 @@ def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, ca
         rank = order.index(index) + 1
         lines = wrap(f"\"{dataset_caption_text(dataset, tokenizer, index)}\"", 40)[:5]
         lines.append(f"(of image #{index}; its rank {rank})")
+        fitting = set() if positives is None else set(positives[:, caption].nonzero()[:, 0].tolist())
+        if positives is not None:
+            lines.append(fit_summary("image", scores, fitting, {index}))
         for n, text in enumerate(lines):
             put_text(draw, (MARGIN, top + n * LINE), text)
         for place, image in enumerate(order[:TOP]):
             left = MARGIN + query_width + place * (tile + GAP)
-            draw.rectangle((left, top, left + tile - 1, top + tile - 1), fill=MARK if image == index else LIGHT)
+            kind = "own" if image == index else "fits" if image in fitting else "other"
+            box = (left, top, left + tile - 1, top + tile - 1)
+            draw.rectangle(box, fill=MARK_COLOURS[kind])
+            marks.append({"query": index, "item": image, "kind": kind, "box": box})
             picture = display_picture(dataset[image])
             if picture is not None:
                 canvas.paste(fit_tile(picture, SMALL_TILE), (left + 4, top + 4))
@@ -484,23 +584,37 @@ def draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets, ca
                 lines = wrap(dataset_caption_text(dataset, tokenizer, image), (SMALL_TILE - 4) // CHAR)
                 for n, text in enumerate(lines[:(SMALL_TILE - 4) // LINE]):
                     put_text(draw, (left + 6, top + 6 + n * LINE), text)
-            put_text(draw, (left, top + tile + 2), f"{place + 1}. #{image}")
+            tag = f"  {kind}" if positives is not None and kind != "other" else ""
+            put_text(draw, (left, top + tile + 2), f"{place + 1}. #{image}{tag}",
+                     fill=TEXT_COLOURS[kind] if positives is not None else BLACK)
             put_text(draw, (left, top + tile + 2 + LINE), f"score {scores[image].item():.3f}")
-    return canvas
+    return canvas, marks
 
 
 def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, caption_sets, caption_to_image,
-                       method, options):
-    """For each query image: its top captions, exact scores, ground-truth captions in green."""
-    text_left = MARGIN + SMALL_TILE + GAP
+                       method, options, positives=None, split_line=None):
+    """For each query image: its top captions, exact scores, ground-truth captions in green; with
+    `positives` (N_img, N_cap) bool, the captions that fit the image but were written for another
+    in FITS, each line led by a swatch of its kind. `split_line`: a third header line.
+
+    Returns the image and the marks: [{"query", "item", "kind", "box"}], one per drawn caption, kind
+    "own" | "fits" | "other", box the pixel box of its swatch (None without `positives`).
+    """
+    swatch = 0 if positives is None else LINE
+    text_left = MARGIN + SMALL_TILE + GAP + swatch
     width = CAPTION_WIDTH
     text_chars = (width - text_left - MARGIN) // CHAR
     row_height = max(SMALL_TILE, (TOP + 2) * LINE) + LINE + GAP
-    canvas, draw, header = retrieval_canvas(
-        width, len(queries) * row_height,
-        f"Image-to-text: the top {TOP} captions for an image, scored by {method} (exact, this image against "
-        "every caption).", "Green [GT]: one of the image's own captions.")
-    captions_of = {}
+    title = (f"Image-to-text: the top {TOP} captions for an image, scored by {method} (exact, this image against "
+             "every caption).")
+    if positives is None:
+        header_lines = [title, "Green [GT]: one of the image's own captions."]
+    else:
+        header_lines = [title, [(MARK, "[GT] one of its own captions"),
+                                (FITS, "[fits] fits the image, written for another"), (LIGHT, "does not fit")]]
+    canvas, draw, header = retrieval_canvas(width, len(queries) * row_height,
+                                            header_lines + ([split_line] if split_line else []))
+    captions_of, marks = {}, []
     for r, index in enumerate(queries):
         top = MARGIN + header + r * row_height
         if pictures[index] is not None:
@@ -511,30 +625,63 @@ def draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, captio
         put_text(draw, (MARGIN, top + SMALL_TILE + 2), f"image #{index}")
         scores = score_matrix(image_sets[index:index + 1], caption_sets, method=method, **options)[0]
         own = set((caption_to_image == index).nonzero()[:, 0].tolist())
+        fitting = set() if positives is None else set(positives[index].nonzero()[:, 0].tolist())
         order = ranking(scores, own)
         for place, caption in enumerate(order[:TOP]):
             owner = int(caption_to_image[caption])
             if owner not in captions_of:
                 captions_of[owner] = dataset[owner]["captions"]
             ids = captions_of[owner][caption - first_caption(caption_to_image, owner)]
-            mark = "[GT] " if caption in own else ""
+            kind = "own" if caption in own else "fits" if caption in fitting else "other"
+            mark = {"own": "[GT] ", "fits": "[fits] ", "other": ""}[kind]
             text = f"{place + 1}. {scores[caption].item():.3f} {mark}(image #{owner}) {tokenizer.decode(ids)}"
-            put_text(draw, (text_left, top + place * LINE), clip(text, text_chars),
-                     fill=MARK if caption in own else BLACK)
+            y = top + place * LINE
+            box = None
+            if positives is not None:
+                box = (text_left - swatch, y + 1, text_left - swatch + 8, y + 9)
+                draw.rectangle(box, fill=MARK_COLOURS[kind])
+            marks.append({"query": index, "item": caption, "kind": kind, "box": box})
+            put_text(draw, (text_left, y), clip(text, text_chars), fill=TEXT_COLOURS[kind])
         ranks = sorted(order.index(c) + 1 for c in own)
         put_text(draw, (text_left, top + (TOP + 1) * LINE),
                  f"its {len(own)} captions are at ranks {', '.join(map(str, ranks))}")
-    return canvas
+        if positives is not None:
+            put_text(draw, (text_left, top + (TOP + 2) * LINE),
+                     fit_summary("caption", scores, fitting, own))
+    return canvas, marks
 
 
-def retrieval_canvas(width, rows_height, title, legend):
-    """A white canvas with a two-line header (title, legend) above `rows_height` pixels of rows.
-    Returns (canvas, draw, header height)."""
-    header = 2 * LINE + GAP
+def fit_summary(item, scores, fitting, written):
+    """The line under a query: how many items fit it beyond its written ground truth `written`, and
+    the rank of the first of them when ties count against every fitting item (as the complete-positive
+    metrics rank them; the drawn order counts ties against the written ground truth only)."""
+    others = fitting - written
+    if not others:
+        return f"no other {item} fits"
+    order = ranking(scores, fitting)
+    first = min(order.index(i) for i in others) + 1
+    return f"{len(others)} other {item}{'s' * (len(others) > 1)} fit{'s' * (len(others) == 1)}, first at rank {first}"
+
+
+def retrieval_canvas(width, rows_height, header_lines):
+    """A white canvas with a header above `rows_height` pixels of rows. A header line is a text or a
+    legend: [(colour, text)], each a swatch of `colour` (None: none) and its text. Returns (canvas,
+    draw, header height)."""
+    header = len(header_lines) * LINE + GAP
     canvas = Image.new("RGB", (width, 2 * MARGIN + header + rows_height), WHITE)
     draw = ImageDraw.Draw(canvas)
-    put_text(draw, (MARGIN, MARGIN), title)
-    put_text(draw, (MARGIN, MARGIN + LINE), legend)
+    for n, line in enumerate(header_lines):
+        y = MARGIN + n * LINE
+        if isinstance(line, str):
+            put_text(draw, (MARGIN, y), line)
+            continue
+        x = MARGIN
+        for colour, text in line:
+            if colour is not None:
+                draw.rectangle((x, y + 1, x + 8, y + 9), fill=colour)
+                x += 12
+            put_text(draw, (x, y), text)
+            x += (len(text) + 3) * CHAR
     return canvas, draw, header
 
 
@@ -616,10 +763,15 @@ COLLAPSE_QUANTITIES = {"intra_set_cos": "intra-set cosine (1 = collapsed)",
                        "log_set_variance": "log set variance", "log_circular_variance": "log circular variance"}
 
 
-def write_curves(out_dir, log_path, written):
+def write_curves(out_dir, log_path, written, notes=None):
     """Draw every curve of `training_curves(log_path)` into out_dir (curve_*.png), appending
-    (file name, caption) to `written`."""
+    (file name, caption) to `written`, and (file name, why not drawn) to `notes` for a quantity the
+    log holds without a value (a collapse measure absent at K = 1)."""
     for curve in training_curves(log_path):
+        if "absent" in curve:
+            if notes is not None:
+                notes.append((curve["name"], f"not drawn: {curve['absent']}"))
+            continue
         save_png(draw_curve(curve["title"], curve["x_label"], curve["series"], curve["boundaries"]),
                  out_dir, curve["name"], written, curve["caption"])
 
@@ -628,7 +780,9 @@ def training_curves(log_path):
     """One curve per quantity in a train.py log.jsonl, as dicts (name, title, x_label, series
     {label: [(x, y), ...]}, boundaries, caption): every numeric key of the per-step lines (loss terms,
     grad_norm, lr) against the global step, with the epoch starts as boundaries; validation RSUM and
-    each collapse measure (image and caption sets, two series) against the epoch."""
+    each collapse measure (image and caption sets, two series) against the epoch. A collapse measure
+    the log holds only as null (absent at K = 1, evaluate.collapse_note) is a dict (name, absent:
+    why, from the log's collapse note) instead; its null epochs are left out of a drawn one."""
     steps, epochs, skipped = read_training_log(log_path)
     note = f" {skipped} unreadable line(s) of the log skipped." if skipped else ""
     curves = []
@@ -647,15 +801,21 @@ def training_curves(log_path):
         curves.append({"name": "curve_epoch_val_rsum.png", "title": "validation RSUM", "x_label": "epoch",
                        "series": {"rsum": rsum}, "boundaries": [],
                        "caption": f"Validation RSUM after each epoch (best.pt is the epoch with the highest).{note}"})
+    collapse_notes = [line["collapse"]["note"] for line in epochs if line.get("collapse", {}).get("note")]
     for key, description in COLLAPSE_QUANTITIES.items():
-        series = {side: [(line["epoch"], float(line["collapse"][side][key])) for line in epochs
+        logged = {side: [(line["epoch"], line["collapse"][side][key]) for line in epochs
                          if key in line.get("collapse", {}).get(side, {})] for side in ("image", "caption")}
+        series = {side: [(x, float(y)) for x, y in points if y is not None] for side, points in logged.items()}
         series = {side: points for side, points in series.items() if points}
+        name = f"curve_epoch_{key}.png"
         if series:
-            curves.append({"name": f"curve_epoch_{key}.png", "title": f"validation {description}",
+            curves.append({"name": name, "title": f"validation {description}",
                            "x_label": "epoch", "series": series, "boundaries": [],
                            "caption": f"Validation {description} ({key}) of the image and caption sets after "
                                       f"each epoch (METHOD.md §5).{note}"})
+        elif any(logged.values()):          # logged as absent (None): no meaning for this model
+            why = collapse_notes[-1] if collapse_notes else "the log holds no value of it"
+            curves.append({"name": name, "absent": f"{key} is null at every epoch of the log ({why})"})
     return curves
 
 

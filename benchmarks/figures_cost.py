@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import checkpoint_config  # noqa: E402
-from evaluate import build_eval_context, encode_split, evaluate_model, similarity_settings  # noqa: E402
+from evaluate import (build_eval_context, complete_relation, encode_split, evaluate_model,  # noqa: E402
+                      similarity_settings)
 from figures import write_figures  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 
@@ -33,17 +34,19 @@ def main():
     torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.ckpt)
     cfg = checkpoint_config(checkpoint, args.ckpt)
-    model, loader, device = build_eval_context(cfg, checkpoint, cfg["data"]["test_split"])
+    split = cfg["data"]["test_split"]
+    model, loader, device = build_eval_context(cfg, checkpoint, split)
     amp = cfg["train"]["amp"]
     encoded = encode_split(model, loader, device, amp)                       # warm-up
-    results = evaluate_model(model, cfg, loader, device, encoded=encoded)
+    results = evaluate_model(model, cfg, loader, device, encoded=encoded, split=split)
     options = similarity_settings(cfg)[1]
+    positives = complete_relation(cfg, split, loader.dataset)[0]             # as evaluate.py --figures passes it
     rows = [("encode the split", lambda: encode_split(model, loader, device, amp)),
-            ("score + metrics", lambda: evaluate_model(model, cfg, loader, device, encoded=encoded))]
+            ("score + metrics", lambda: evaluate_model(model, cfg, loader, device, encoded=encoded, split=split))]
     with tempfile.TemporaryDirectory() as folder:
         for count in args.count:
             rows.append((f"figures of {count} image(s)", lambda count=count: write_figures(
-                folder, model, cfg, loader, device, encoded, results, options, count=count)))
+                folder, model, cfg, loader, device, encoded, results, options, count=count, positives=positives)))
         rows[-1][1]()                                                        # warm-up
         seconds = {name: median_seconds(run, args.repeat) for name, run in rows}
     evaluation = seconds["encode the split"] + seconds["score + metrics"]

@@ -2,6 +2,8 @@
 to 1 over real positions, the drawn assignment is the brute-force maximal matching, byte-identical reruns,
 unchanged metrics, one-line errors; every image encoder and both text encoders."""
 import copy
+import html
+import io
 import itertools
 import json
 import math
@@ -17,6 +19,7 @@ from config import load_config
 from data import build_vocabulary, prepare_data, training_captions
 from evaluate import build_eval_context, collapse_diagnostics, encode_split, evaluate_model
 from model import build_model, load_checkpoint, normalised_position_encoding
+from shapes import shapes_relation
 from test_model import tiny_batch, tiny_config
 from test_presets import write_bert_tokenizer
 from test_train import run_cli as run_script, write_precomputed
@@ -26,7 +29,8 @@ from train import make_vocabulary
 K = 3
 TINY = ["run.num_threads=1", "model.embed_dim=32", f"model.num_embeds={K}", "model.set_head.depth=2",
         "model.text.word_dim=16", "eval.batch_size=8", "data.shapes.num_train=24", "data.shapes.num_val=8",
-        "data.shapes.num_test=12", "data.shapes.image_size=32", "data.image_size=32", "model.image.stop_after=layer1"]
+        "data.shapes.num_test=12", "data.shapes.image_size=32", "data.image_size=32", "model.image.stop_after=layer1",
+        "data.shapes.num_shapes=3", "data.shapes.num_colours=2"]   # few kinds: captions that fit other images
 PNG_NAMES = ["image_attention.png", "retrieval_t2i.png", "retrieval_i2t.png", "intra_set_cosines.png"]
 
 
@@ -99,11 +103,12 @@ def test_every_figure_is_a_png_of_the_expected_size(shapes_checkpoint, tmp_path,
     header = f.HEADER_LINES * f.LINE + f.LEGEND_HEIGHT + f.GAP
     assert sizes["image_attention.png"] == (max(f.MIN_WIDTH, 2 * f.MARGIN + (K + 1) * f.TILE + K * f.GAP),
                                             2 * f.MARGIN + header + 3 * row)
-    # text-to-image: 3 query rows (count < RETRIEVAL_QUERIES), TOP framed tiles each
+    # text-to-image: 3 query rows (count < RETRIEVAL_QUERIES), TOP framed tiles each, under 3 header lines
+    # (title, legend, the whole split's R@1 both ways: the shapes data has a complete relation)
     tile = f.SMALL_TILE + 8
     query_row = max(6 * f.LINE, tile) + 2 * f.LINE + f.GAP
     assert sizes["retrieval_t2i.png"] == (2 * f.MARGIN + 40 * f.CHAR + f.TOP * (tile + f.GAP),
-                                          2 * f.MARGIN + 2 * f.LINE + f.GAP + 3 * query_row)
+                                          2 * f.MARGIN + 3 * f.LINE + f.GAP + 3 * query_row)
     assert sizes["retrieval_i2t.png"][0] == f.CAPTION_WIDTH
     for n in range(3):
         width, height = sizes[f"caption_attention_{n:02d}.png"]
@@ -353,6 +358,160 @@ def test_histogram_values_are_the_evaluated_intra_set_cosines():
     assert values.mean().item() == pytest.approx(collapse_diagnostics(sets, global_)["intra_set_cos"], abs=1e-6)
     torch.testing.assert_close(values[:6], torch.stack([sets[0, a] @ sets[0, b] for a, b in
                                                         itertools.combinations(range(4), 2)]))
+
+
+# ----------------------------------------------------------------------------- every fitting item
+
+def drawn_marks(shapes_checkpoint, queries=None):
+    """(t2i marks, i2t marks, the two PNGs' bytes, relation, caption_to_image) of the shapes fixture's
+    retrieval figures for `queries` (default: every test image), drawn with complete_relation's positives."""
+    checkpoint, cfg = shapes_checkpoint
+    model, loader, device = build_eval_context(cfg, load_checkpoint(checkpoint), "test")
+    image_sets, _, caption_sets, _, caption_to_image = encode_split(model, loader, device)
+    positives, _ = evaluate.complete_relation(cfg, "test", loader.dataset)
+    queries = list(range(len(loader.dataset))) if queries is None else queries
+    method, options = evaluate.similarity_settings(cfg)
+    dataset, tokenizer = loader.dataset, loader.dataset.tokenizer
+    pictures = {i: figures.display_picture(dataset[i]) for i in queries}
+    t2i, t2i_marks = figures.draw_text_to_image(dataset, tokenizer, queries, image_sets, caption_sets,
+                                                caption_to_image, method, options, positives, "split line")
+    i2t, i2t_marks = figures.draw_image_to_text(dataset, tokenizer, queries, pictures, image_sets, caption_sets,
+                                                caption_to_image, method, options, positives, "split line")
+    pngs = []
+    for picture in (t2i, i2t):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    relation = shapes_relation(os.path.join(cfg["data"]["root"], "dataset_shapes.json"), "test",
+                               cfg["data"]["captions_per_image"])
+    return (t2i, t2i_marks), (i2t, i2t_marks), pngs, relation, caption_to_image
+
+
+def test_marked_retrieval_items_are_the_relations_positives_beyond_the_written_ground_truth(shapes_checkpoint):
+    (t2i, t2i_marks), (i2t, i2t_marks), pngs, relation, caption_to_image = drawn_marks(shapes_checkpoint)
+    fits_caption = relation["caption_images"]                  # the generator's relation, not the figure's input
+    own = caption_to_image.tolist()
+    assert own == relation["caption_to_image"]
+    assert len(t2i_marks) == len(i2t_marks) == 12 * figures.TOP
+    for mark in t2i_marks:                                     # the first caption of each query image
+        caption = own.index(mark["query"])
+        expected = ("own" if mark["item"] == mark["query"] else
+                    "fits" if mark["item"] in fits_caption[caption] else "other")
+        assert mark["kind"] == expected, mark
+        x0, y0, _, _ = mark["box"]
+        assert t2i.getpixel((x0 + 1, y0 + 1)) == figures.MARK_COLOURS[expected]      # the frame's colour
+    for mark in i2t_marks:
+        expected = ("own" if own[mark["item"]] == mark["query"] else
+                    "fits" if mark["query"] in fits_caption[mark["item"]] else "other")
+        assert mark["kind"] == expected, mark
+        x0, y0, x1, y1 = mark["box"]
+        assert i2t.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == figures.MARK_COLOURS[expected]    # its swatch
+    for marks in (t2i_marks, i2t_marks):                       # both directions show what R@K calls a miss
+        assert {"own", "fits", "other"} <= {mark["kind"] for mark in marks}
+    assert drawn_marks(shapes_checkpoint)[2] == pngs           # byte-identical when drawn again
+
+
+def test_the_first_fitting_rank_under_a_query_counts_ties_against_the_fitting_items():
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.7])
+    assert figures.fit_summary("image", scores, {0, 2, 3}, {3}) == "2 other images fit, first at rank 3"
+    tied = torch.tensor([0.5, 0.5, 0.1])        # a fitting item tied with one that does not fit ranks after it
+    assert figures.fit_summary("caption", tied, {0, 2}, {2}) == "1 other caption fits, first at rank 2"
+    assert figures.fit_summary("image", tied, {2}, {2}) == "no other image fits"
+
+
+def test_without_a_relation_nothing_is_marked_fits_and_the_page_says_why(shapes_checkpoint, tmp_path):
+    checkpoint, cfg = shapes_checkpoint
+    model, loader, device = build_eval_context(cfg, load_checkpoint(checkpoint), "test")
+    encoded = encode_split(model, loader, device)
+    results = evaluate_model(model, cfg, loader, device, encoded=encoded)          # no split named: no relation
+    assert "complete" not in results
+    options = evaluate.similarity_settings(cfg)[1]
+    figures.write_figures(str(tmp_path), model, cfg, loader, device, encoded, results, options, count=4)
+    for name in ("retrieval_t2i.png", "retrieval_i2t.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert figures.FITS not in {colour for _, colour in picture.getcolors(maxcolors=1 << 16)}
+    notes = [line for line in (tmp_path / "index.html").read_text().splitlines() if 'class="note"' in line]
+    assert len(notes) == 1 and "retrieval_t2i.png, retrieval_i2t.png" in notes[0]
+    assert "only the written ground truth" in notes[0] and html.escape(results["complete_note"]) in notes[0]
+
+
+# ----------------------------------------------------------------------------- K = 1
+
+@pytest.fixture(scope="module")
+def single_element_runs(shapes_checkpoint, tmp_path_factory):
+    """1-epoch train.py runs of the tiny config with one element per set: the single-vector model
+    (model.set_head.type=none) and a slot set of one (model.num_embeds=1)."""
+    _, cfg = shapes_checkpoint
+    runs = tmp_path_factory.mktemp("single")
+    settings = {"none": ["model.num_embeds=1", "model.set_head.type=none", "loss.div.weight=0", "loss.gd.weight=0",
+                         "loss.isd.weight=0"],
+                "k1": ["model.num_embeds=1"]}
+    for name, overrides in settings.items():
+        assert train.main(TINY + overrides + [f"data.root={cfg['data']['root']}", f"run.out_dir={runs}",
+                                              f"run.name={name}", "train.epochs=1", "train.batch_size=8",
+                                              "train.log_every=1"]) == 0
+    return runs
+
+
+@pytest.mark.parametrize("run, absent_curves", [
+    ("none", ["intra_set_cos", "global_cos", "log_set_variance", "log_circular_variance"]),
+    ("k1", ["intra_set_cos", "log_set_variance", "log_circular_variance"]),
+], ids=["set_head_none", "num_embeds_1"])
+def test_figures_of_one_element_sets_leave_out_what_has_no_meaning_and_say_why(single_element_runs, tmp_path,
+                                                                               capsys, run, absent_curves):
+    folder = single_element_runs / run
+    code, _, err = run_evaluate(capsys, "--ckpt", str(folder / "best.pt"), "--figures", str(tmp_path),
+                                "--figures-count", "2")
+    assert code == 0, err
+    lines = [json.loads(text) for text in (folder / "log.jsonl").read_text().splitlines()]
+    logged = {key for line in lines if "global_step" in line for key in line} - {"epoch", "step", "global_step"}
+    drawn_curves = ([f"curve_step_{key}.png" for key in logged] + ["curve_epoch_val_rsum.png"]
+                    + [f"curve_epoch_{key}.png" for key in COLLAPSE_MEASURES if key not in absent_curves])
+    assert sorted(os.listdir(tmp_path)) == sorted(["retrieval_t2i.png", "retrieval_i2t.png", "index.html"]
+                                                  + drawn_curves)
+    for name in os.listdir(tmp_path):
+        if name.endswith(".png"):
+            Image.open(tmp_path / name).verify()
+    page = (tmp_path / "index.html").read_text()
+    notes = {line.split("</b>")[0].split("<b>")[1]: line for line in page.splitlines() if 'class="note"' in line}
+    assert sorted(notes) == sorted(["image_attention.png, caption_attention_NN.png", "matching_NN.png",
+                                    "intra_set_cosines.png"] + [f"curve_epoch_{key}.png" for key in absent_curves])
+    reason = "model.set_head.type=none" if run == "none" else "K = 1: the set head&#x27;s softmax runs over the slots"
+    assert reason in notes["image_attention.png, caption_attention_NN.png"]
+    assert "K = 1" in notes["matching_NN.png"] and "K = 1" in notes["intra_set_cosines.png"]
+    assert all("not drawn: " in line for line in notes.values())
+    assert 'src="retrieval_t2i.png"' in page and 'src="retrieval_i2t.png"' in page
+
+
+def test_at_k_1_the_slot_attention_is_uniform_over_the_real_positions():
+    """Why no attention map is drawn at K = 1: the softmax over one slot is 1 at every position."""
+    cfg = tiny_config("cnn", "gru")
+    cfg["model"]["num_embeds"] = 1
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab=[f"w{i}" for i in range(32)]).eval()
+    batch = tiny_batch(lengths=(5, 3))
+    for attention in (part[1] for part in figures.slot_attention(model, batch, "cpu")):
+        real = attention.mask.sum(dim=1, keepdim=True).float()                          # (B, 1)
+        expected = attention.mask.float() / real                                        # 1 / N_real, 0 at padding
+        torch.testing.assert_close(attention.weights[:, 0], expected, atol=1e-6, rtol=0)
+
+
+def test_a_collapse_measure_logged_as_null_is_a_reason_not_a_curve(tmp_path):
+    collapse = {side: {"intra_set_cos": None, "global_cos": 0.5} for side in ("image", "caption")}
+    collapse["note"] = "K = 1: intra-set cosine needs two elements"
+    lines = [{"epoch": 0, "step": 1, "global_step": 1, "loss": 2.0},
+             {"epoch": 1, "val": {"rsum": 10.0}, "collapse": collapse}]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curves = {curve["name"]: curve for curve in figures.training_curves(str(log))}
+    assert curves["curve_epoch_intra_set_cos.png"] == {
+        "name": "curve_epoch_intra_set_cos.png",
+        "absent": "intra_set_cos is null at every epoch of the log (K = 1: intra-set cosine needs two elements)"}
+    assert curves["curve_epoch_global_cos.png"]["series"] == {"image": [(1, 0.5)], "caption": [(1, 0.5)]}
+    written, notes = [], []
+    figures.write_curves(str(tmp_path), str(log), written, notes)
+    assert [name for name, _ in notes] == ["curve_epoch_intra_set_cos.png"]
+    assert "curve_epoch_intra_set_cos.png" not in os.listdir(tmp_path)
 
 
 # ----------------------------------------------------------------------------- other encoders
