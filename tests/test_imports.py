@@ -22,7 +22,7 @@ ALLOWED = {
     "config": {"similarity", "losses"},
     "data": {"config", "shapes"},
     "figures": {"data", "model", "similarity"},
-    "evaluate": {"config", "data", "figures", "model", "similarity"},
+    "evaluate": {"config", "data", "figures", "model", "shapes", "similarity"},
     "train": {"config", "data", "evaluate", "losses", "model", "similarity"},
     "search": {"data", "evaluate", "figures", "model", "similarity"},
 }
