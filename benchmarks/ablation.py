@@ -125,8 +125,9 @@ GRIDS = {
 
 # The reduced training budget of every full run: config.yaml's model and data, 3 epochs instead of 8.
 BUDGET = ["train.epochs=3"]
-# Grids with a budget of their own (the sets experiment's, sized by its pilot: docs/experiment_sets.md).
-GRID_BUDGET = {"sets": ["train.epochs=SETS_EPOCHS_TBD"]}
+# Grids with a budget of their own, per dataset (the sets experiment's, sized by its pilot:
+# docs/experiment_sets.md, "Budget and pilot").
+GRID_BUDGET = {"sets": {"default": ["train.epochs=8"], "crowded": ["train.epochs=17"]}}
 # Datasets: name -> preset merged over config.yaml (None: config.yaml's own data). A preset is passed
 # to train.py as dotted overrides (its run.* keys left out), so a run is fully named by its overrides.
 DATASETS = {"default": None, "crowded": os.path.join("configs", "shapes_crowded.yaml")}
@@ -194,7 +195,7 @@ def main(argv=None):
     results_path = os.path.abspath(args.results or (os.path.join(out, "results.csv") if args.quick else
                                                     os.path.join(REPO, "benchmarks", "results", f"{grid}.csv")))
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
-    budget = list(QUICK_BUDGET if args.quick else GRID_BUDGET.get(grid, BUDGET))
+    budget = QUICK_BUDGET if args.quick else GRID_BUDGET.get(grid, BUDGET)     # a list, or {dataset: list}
     if any(o.startswith("data.root=") for o in args.overrides) and len(datasets) > 1:
         parser.error("data.root would put every dataset in one folder; run one --datasets at a time")
 
@@ -232,7 +233,9 @@ def main(argv=None):
     table = "\n\n".join(tables)
     reused = sum(1 for r in results if r.get("reused"))
     run_minutes = sum(r.get("seconds", 0.0) for r in results) / 60
-    budget_text = " ".join(b for b in [*budget, *args.overrides] if "data.root" not in b)  # what every run got
+    shown = lambda overrides: " ".join(b for b in [*overrides, *args.overrides] if "data.root" not in b)  # noqa: E731
+    budget_text = ("; ".join(f"{dataset}: {shown(budget[dataset])}" for dataset in datasets)
+                   if isinstance(budget, dict) else shown(budget))                    # what every run got
     header = (f"Grid `{grid}`, {len(seeds)} seed(s) {seeds}, budget `{budget_text}`, "
               f"{args.jobs} run(s) at a time x {threads} thread(s); this invocation {(time.time() - started) / 60:.1f} "
               f"min, {reused} of {len(results)} runs reused; the runs' own times sum to {run_minutes:.1f} min.\n\n")
@@ -250,7 +253,7 @@ def plan_jobs(configurations, datasets, seeds, budget, extra_overrides, out, thr
     regularisers, train.py overrides and the config hash they give."""
     jobs = []
     for dataset in datasets:
-        dataset_budget = dataset_overrides(dataset) + list(budget)
+        dataset_budget = dataset_overrides(dataset) + list(budget[dataset] if isinstance(budget, dict) else budget)
         if quick:
             dataset_budget.append(f"data.root={os.path.join(out, 'data' if dataset == 'default' else 'data_' + dataset)}")
         dataset_budget += list(extra_overrides)
