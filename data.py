@@ -639,7 +639,7 @@ def _precomputed_layout(num_rows, num_captions, captions_per_image, images_path,
 
 def _precomputed_image_ids(path, dataset):
     """The COCO image id of each image of a precomputed split from {prefix}_ids.txt: one id per
-    caption row (every row of an image the same id, as the VSE-infinity release has it) or one per image."""
+    caption row (every row of an image the same id: the layout PCME++ reads) or one per image."""
     if not path.is_file():
         raise DataError(f"{path} not found: --eccv on precomputed features needs the COCO image id of every "
                         f"caption row (and {path.name.replace('_ids', '_capids')} for the caption ids); without it "
