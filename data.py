@@ -4,6 +4,9 @@
   layout, so the Karpathy loader reads it like COCO.
 - Karpathy JSON + image folder datasets (`coco`, `f30k`) and SCAN precomputed region features
   (`precomputed`: `{split}_ims.npy` memory-mapped, `{split}_caps.txt`).
+- COCO ids of an evaluation split's images and captions, in the loader's order, for
+  `evaluate.py --eccv` (`coco_ids`: Karpathy's cocoid + the COCO captions file, or the id files
+  of the precomputed release).
 - Text: word vocabulary + tokeniser (GRU) or a transformers `AutoTokenizer` (BERT); caption token
   drop augmentation (METHOD.md §4).
 - Batches: every item is an image with its C captions; `collate_batch` orders captions
@@ -107,6 +110,61 @@ def karpathy_json_path(data_cfg):
         return Path(data_cfg["karpathy_json"])
     name = KARPATHY_NAMES.get(data_cfg["dataset"], data_cfg["dataset"])
     return Path(data_cfg["root"]) / f"dataset_{name}.json"
+
+
+def coco_ids(data_cfg, split, dataset):
+    """The COCO ids of an evaluation loader's items, in the loader's order, for `evaluate.py --eccv`.
+
+    Returns (image_ids, caption_ids, source): image_ids (N_img,) COCO image ids; caption_ids
+    (N_img * C,) COCO caption annotation ids, image-major and per image the captions the loader
+    takes (the first C, cycling when fewer: `_select_captions`); source, one line on where they
+    came from. `dataset` is the loader's dataset of `split` (its captions give the order).
+    - coco: the Karpathy JSON's `cocoid`; captions matched to data.coco_captions by image id and text.
+    - precomputed: <root>/{prefix}_ids.txt (a COCO image id per caption row, or per image) and
+      {prefix}_capids.txt (an annotation id per caption row); without the latter, the captions of
+      {prefix}_caps.txt are matched like Karpathy's. Without {prefix}_ids.txt nothing ties a
+      feature row to a COCO image.
+    A missing file, an image without an id or a caption without its annotation raises DataError
+    with the file and the count: never a guessed id.
+    """
+    count = int(data_cfg["captions_per_image"])
+    positions = [_select_captions(list(range(len(captions))), count, None) for captions in dataset.captions]
+    if data_cfg["dataset"] == "precomputed":
+        root = Path(data_cfg["root"])
+        prefix = PRECOMPUTED_SPLITS[split]
+        image_ids = _precomputed_image_ids(root / f"{prefix}_ids.txt", dataset)
+        per_image = [len(captions) for captions in dataset.captions]
+        first_rows = np.cumsum([0] + per_image)[:-1].tolist()
+        capids_path = root / f"{prefix}_capids.txt"
+        if capids_path.is_file():
+            row_ids = _read_id_file(capids_path)
+            if len(row_ids) != sum(per_image):
+                raise DataError(f"{capids_path} has {len(row_ids)} ids for the {sum(per_image)} caption rows of "
+                                f"{dataset.captions_path}: expected one caption annotation id per row")
+            caption_ids = [row_ids[first + p] for first, chosen in zip(first_rows, positions) for p in chosen]
+            return image_ids, caption_ids, f"{prefix}_ids.txt and {prefix}_capids.txt in {root}"
+        caption_ids, files = _match_caption_annotations(data_cfg, image_ids, dataset.captions, positions)
+        return image_ids, caption_ids, f"{prefix}_ids.txt in {root}; captions matched by text in {files}"
+    path = karpathy_json_path(data_cfg)
+    records = _split_records(_load_karpathy(data_cfg), split, path)
+    if [r["filename"] for r in records] != [p.name for p in dataset.paths]:
+        raise DataError(f"the images of split {split!r} are not those of {path} in its order")
+    missing = [r["filename"] for r in records if not isinstance(r["cocoid"], int)]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} images of split {split!r} have no integer 'cocoid' (the COCO "
+                        f"image id), e.g. {missing[0]}: --eccv needs Karpathy's dataset_coco.json")
+    image_ids = [r["cocoid"] for r in records]
+    caption_ids, files = _match_caption_annotations(data_cfg, image_ids, dataset.captions, positions)
+    return image_ids, caption_ids, f"cocoid of {path.name}; captions matched by text in {files}"
+
+
+def coco_caption_files(data_cfg):
+    """The COCO captions annotation file(s) of data.coco_captions (a path or a list), by default
+    <root>/annotations/captions_val2014.json (where the COCO 2014 annotations unzip)."""
+    files = data_cfg["coco_captions"]
+    if files is None:
+        return [Path(data_cfg["root"]) / "annotations" / "captions_val2014.json"]
+    return [Path(f) for f in ([files] if isinstance(files, str) else files)]
 
 
 def build_text_tokenizer(text_cfg, vocab=None):
@@ -529,7 +587,7 @@ def _karpathy_record(entry, number, path):
         raise DataError(f"{path}: image {entry['filename']!r} has no captions (empty 'sentences'): "
                         "remove it or add its captions")
     return {"filename": entry["filename"], "filepath": entry.get("filepath") or "",
-            "split": entry["split"], "captions": captions}
+            "split": entry["split"], "captions": captions, "cocoid": entry.get("cocoid")}
 
 
 def _split_records(records, split, path):
@@ -577,6 +635,108 @@ def _precomputed_layout(num_rows, num_captions, captions_per_image, images_path,
     raise DataError(f"feature/caption count mismatch: {images_path} has {num_rows} rows but {captions_path} has "
                     f"{num_captions} captions; expected equal counts (images repeated "
                     f"{captions_per_image}x) or a whole number of captions per image")
+
+
+def _precomputed_image_ids(path, dataset):
+    """The COCO image id of each image of a precomputed split from {prefix}_ids.txt: one id per
+    caption row (every row of an image the same id: the layout PCME++ reads) or one per image."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: --eccv on precomputed features needs the COCO image id of every "
+                        f"caption row (and {path.name.replace('_ids', '_capids')} for the caption ids); without it "
+                        "nothing ties a feature row to a COCO image")
+    ids = _read_id_file(path)
+    per_image = [len(captions) for captions in dataset.captions]
+    if len(ids) == len(per_image):
+        return ids
+    if len(ids) != sum(per_image):
+        raise DataError(f"{path} has {len(ids)} ids for {len(per_image)} images with {sum(per_image)} caption rows: "
+                        "expected one COCO image id per caption row or per image")
+    first_rows = np.cumsum([0] + per_image)[:-1].tolist()
+    mixed = sum(len(set(ids[first:first + n])) > 1 for first, n in zip(first_rows, per_image))
+    if mixed:
+        raise DataError(f"{path}: the caption rows of {mixed} images carry different image ids; "
+                        f"expected the same id on the {per_image[0]} rows of an image")
+    return [ids[first] for first in first_rows]
+
+
+def _read_id_file(path):
+    """The integers of an id file, one per line in the releases (blank lines dropped, as in the caption files)."""
+    try:
+        return [int(line) for line in Path(path).read_text(encoding="utf-8").split() if line]
+    except (UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"{path} is not a list of integer ids, one per line ({error})") from None
+
+
+def _match_caption_annotations(data_cfg, image_ids, captions, positions):
+    """(annotation ids of the evaluated captions, image-major, and the files' names): positions[i]
+    are the indices into captions[i] the loader takes. Each image's caption texts are matched to
+    the annotations of its image id in the COCO captions file(s) (`_match_image_captions`); an
+    evaluated caption left without one raises DataError with the count and the files."""
+    files = coco_caption_files(data_cfg)
+    wanted, by_image = set(image_ids), {}
+    for path in files:
+        for annotation in _read_caption_annotations(path):
+            if annotation["image_id"] in wanted:
+                by_image.setdefault(annotation["image_id"], []).append((annotation["id"], annotation["caption"]))
+    names = " + ".join(str(path) for path in files)
+    caption_ids, unmatched = [], []
+    for image_id, texts, chosen in zip(image_ids, captions, positions):
+        found = _match_image_captions(texts, by_image.get(image_id, []))
+        caption_ids += [found[p] for p in chosen]
+        unmatched += [(image_id, texts[p]) for p in chosen if found[p] is None]
+    if unmatched:
+        no_image = len({image_id for image_id, _ in unmatched} - set(by_image))
+        raise DataError(f"{len(unmatched)} of the {len(caption_ids)} evaluated captions have no annotation of their "
+                        f"image with their text in {names} ({no_image} of their images have none at all; e.g. "
+                        f"image {unmatched[0][0]}: {unmatched[0][1][:60]!r}): set data.coco_captions to the COCO "
+                        "captions file(s) of these images")
+    return caption_ids, names
+
+
+def _match_image_captions(texts, annotations):
+    """Annotation ids for the texts of one image (None where none fits): texts equal up to
+    whitespace take such annotations in order (any assignment among equal texts scores the same);
+    what is left takes the one annotation with its letters and digits, and only where exactly one
+    text and one annotation share them (two differing texts for two such annotations would be a guess)."""
+    found, free = [None] * len(texts), list(annotations)
+    for key, unique_only in ((_spaced_text, False), (_letters_and_digits, True)):
+        left = collections.defaultdict(list)
+        for index, text in enumerate(texts):
+            if found[index] is None:
+                left[key(text)].append(index)
+        for text_key, indices in left.items():
+            fitting = [annotation for annotation in free if key(annotation[1]) == text_key]
+            if unique_only and (len(indices) != 1 or len(fitting) != 1):
+                continue
+            for index, annotation in zip(indices, fitting):
+                found[index] = annotation[0]
+                free.remove(annotation)
+    return found
+
+
+def _spaced_text(text):
+    return " ".join(text.split())
+
+
+def _letters_and_digits(text):
+    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
+
+
+def _read_caption_annotations(path):
+    """The 'annotations' list of a COCO captions file: [{'image_id', 'id', 'caption'}, ...]."""
+    if not path.is_file():
+        raise DataError(f"COCO captions file {path} not found: set data.coco_captions to captions_val2014.json "
+                        "(COCO 2014 train/val annotations); --eccv finds each caption's annotation id in it")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error}): re-download the COCO captions annotations") from None
+    annotations = content.get("annotations") if isinstance(content, dict) else None
+    if not isinstance(annotations, list) or not all(
+            isinstance(a, dict) and {"image_id", "id", "caption"} <= set(a) for a in annotations):
+        raise DataError(f"{path} has no 'annotations' list of {{image_id, id, caption}}: expected a COCO "
+                        "captions file such as captions_val2014.json")
+    return annotations
 
 
 def _inspect_data(data_cfg, examples=5):

@@ -4,6 +4,7 @@
     python evaluate.py --ckpt best.pt --method greedy --split val --data.root /new/place --out m.json
     python evaluate.py --ckpt a.pt b.pt            # each model, then the ensemble (mean score matrix)
     python evaluate.py --ckpt best.pt --figures figs/   # also draw the sets and the run's curves, figs/index.html
+    python evaluate.py --ckpt coco.pt --eccv            # MS-COCO 5K: + ECCV Caption, CxC (pip install eccv-caption)
 
 Every test image and caption is encoded once as a set; the (N_img, N_cap) score matrix comes from
 `similarity.score_matrix` with the checkpoint's similarity (exact max_pair for MaxMatch); for one
@@ -13,18 +14,26 @@ same metrics, far fewer matchings (ensembles average full matrices).
 i2t ranks the best-ranked of an image's ground-truth captions, t2i the caption's image; ties count
 against the ground truth (`retrieval_metrics`). `--out` writes the layout of test_metrics.json. MS-COCO
 prints "1K" (the mean of five folds of 1,000 images; RSUM = sum of the averaged recalls) and "5K".
+`--eccv` (an MS-COCO checkpoint on the 5K test split) adds the "eccv" block: ECCV Caption mAP@R /
+R-Precision / R@1, CxC R@1/5/10 and COCO 1K / 5K R@K as the optional `eccv_caption` package computes
+them, from the full score matrix, on the COCO ids `data.coco_ids` finds (docs/evaluation.md).
 """
 import argparse
+import contextlib
 import functools
+import importlib
+import importlib.metadata
+import io
 import json
 import os
 import sys
 import tempfile
+import warnings
 
 import torch
 
 from config import ConfigError, apply_overrides, checkpoint_config
-from data import DataError, build_loader, build_text_tokenizer, karpathy_json_path, prepare_data
+from data import DataError, build_loader, build_text_tokenizer, coco_ids, karpathy_json_path, prepare_data
 from figures import FiguresError, check_figures_request, write_figures
 from model import CheckpointError, ModelError, autocast, build_model, load_checkpoint, move_to
 from shapes import shapes_relation
@@ -35,6 +44,12 @@ PROTOCOLS = ("all", "1k")          # result keys that hold metrics; the others a
 COCO_TEST_IMAGES, COCO_FOLD_IMAGES = 5000, 1000   # MS-COCO 5K test (val) split and its 1K folds
 RANK_BOUND_METHODS = ("max_pair", "greedy")         # eval.rank_bounds applies to these
 MODALITIES = ("image", "caption")                   # the two sides of the collapse diagnostics
+COCO_DATASETS = ("coco", "precomputed")              # data.dataset values that can hold MS-COCO
+COCO_TEST_CAPTIONS = 25000                           # the 5K test split's captions, 5 per image
+ECCV_INSTALL = "pip install eccv-caption"
+PMRP_NOTE = ("PMRP not computed: it needs the package's plausible-match files (pm_image_to_caption.json, "
+             "pm_caption_to_image.json, a separate download of over 140 MB) and, with up to 13,380 "
+             "positives per query, rankings that long")
 
 
 class DataMismatchError(Exception):
@@ -43,6 +58,10 @@ class DataMismatchError(Exception):
 
 class FlagError(Exception):
     """A bad command-line flag or flag value (argparse's complaints included)."""
+
+
+class EccvError(Exception):
+    """--eccv cannot score this checkpoint: no eccv_caption package, not MS-COCO, not its 5K test split."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -54,7 +73,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # one line on stderr, exit code 2
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, DataMismatchError, FlagError)
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, DataMismatchError, FlagError, EccvError)
 CIRCULAR_VARIANCE_FLOOR = 1e-6   # 1 - R below this reads as fully collapsed (float32 unit vectors)
 
 
@@ -265,7 +284,98 @@ def complete_results(scores, positives, source):
     return {"complete": {**complete_positive_metrics(scores, positives), "source": source}}
 
 
-def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=False, draw=None):
+def eccv_benchmark():
+    """The optional eccv_caption package's `Metrics` (it ships the ECCV Caption, CxC and COCO 5K test
+    annotations), imported only when --eccv asks; EccvError with the install line when it is missing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # it warns when its optional ujson is missing
+            package = importlib.import_module("eccv_caption")
+    except ImportError:
+        raise EccvError(f"--eccv needs the optional eccv_caption package: {ECCV_INSTALL}") from None
+    return package.Metrics()
+
+
+def check_eccv_split(ids, split, benchmark=None):
+    """Raise EccvError unless `ids` (data.coco_ids' output) are MS-COCO's 5K test split, each item once:
+    5,000 images and 25,000 captions, and with `benchmark` (eccv_benchmark()) the very ids of its test
+    split. The package scores those ids only: another split or caption choice would be a wrong number."""
+    image_ids, caption_ids, source = ids
+    fits = len(image_ids) == COCO_TEST_IMAGES and len(caption_ids) == COCO_TEST_CAPTIONS
+    detail = ""
+    if fits and benchmark is not None:
+        image_hits = len(set(benchmark.coco_gts["i2t"]) & set(image_ids))
+        caption_hits = len(set(benchmark.coco_gts["t2i"]) & set(caption_ids))
+        repeated = len(image_ids) - len(set(image_ids)) + len(caption_ids) - len(set(caption_ids))
+        fits = image_hits == COCO_TEST_IMAGES and caption_hits == COCO_TEST_CAPTIONS and not repeated
+        detail = (f"; {image_hits:,} of its images and {caption_hits:,} of its captions are the package's"
+                  + (f", {repeated:,} ids repeat" if repeated else ""))
+    if not fits:
+        raise EccvError(f"--eccv needs MS-COCO's 5K test split, {COCO_TEST_IMAGES:,} images with 5 captions each: "
+                        f"split {split!r} has {len(image_ids):,} images and {len(caption_ids):,} captions (ids from "
+                        f"{source}){detail} (coco: --split test; precomputed: --split testall; "
+                        "data.captions_per_image=5)")
+
+
+def eccv_results(scores, caption_to_image, ids, benchmark, budget=1 << 23):
+    """The "eccv" block: ECCV Caption mAP@R / R-Precision / R@1, CxC R@1/5/10 and COCO 5K and 1K
+    R@1/5/10 both ways (percent), as the eccv_caption package computes them on this score matrix.
+
+    scores (N_img, N_cap), the FULL matrix (not rank_preserving_scores' bounds); caption_to_image
+    (N_cap,) image-major; ids = data.coco_ids' (image ids, caption ids, source), checked by
+    check_eccv_split; benchmark = eccv_benchmark(). The package takes each query's ranked list of
+    gallery ids. Each benchmark gets the ranking of the matrix with ties against ITS positives (a
+    positive after a tied non-positive, then by our index: the rule of retrieval_metrics), and of
+    it the items the package reads: the first max(10, R) for mAP@R / R-Precision (R = the query's
+    ECCV positives, at most 48) and R@K, and for COCO 1K also each fold's first 10. On those
+    metrics a list so cut gives what the whole ranking gives (a test checks), at a fraction of the
+    package's time on 5,000 x 25,000 lists. "coco_1k_folds_as_ours" says whether the package's
+    five folds (blocks of its caption id list) hold the same images as ours (blocks of 1,000 of
+    the loader's images); only then do its 1K numbers and ours rank the same sub-galleries.
+    """
+    image_ids, caption_ids, source = ids
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    if torch.isnan(scores).any():
+        raise ValueError("NaN in the score matrix: ranks would be meaningless")
+    num_images, num_captions = scores.shape
+    if not torch.equal(caption_to_image.cpu(), torch.arange(num_images).repeat_interleave(num_captions // num_images)):
+        raise ValueError("eccv_results needs the captions image-major, the same number per image")
+    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
+    column_of = {caption_id: column for column, caption_id in enumerate(caption_ids)}
+    benchmarks = {"coco": benchmark.coco_gts, "cxc": benchmark.cxc_gts, "eccv": benchmark.eccv_gts}
+    folds = [(torch.tensor(sorted({row_of[benchmark.coco_gts["t2i"][c][0]] for c in block})),
+              torch.tensor(sorted(column_of[c] for c in block)))
+             for block in benchmark.coco_ids.reshape(5, -1).tolist()]     # the package's 1K folds
+    gallery_ids = {"i2t": torch.tensor(caption_ids), "t2i": torch.tensor(image_ids)}
+    query_ids = {"i2t": image_ids, "t2i": caption_ids}
+    lists = {name: {} for name in benchmarks}
+    for direction in ("i2t", "t2i"):
+        view = _DirectionScores(scores, direction)
+        keys = {name: _positive_keys(gts[direction], *((row_of, column_of) if direction == "i2t" else
+                                                        (column_of, row_of)), view.num_items)
+                for name, gts in benchmarks.items()}
+        count = max(10, max(len(items) for items in benchmark.eccv_gts[direction].values()))
+        ranked = _ranked_lists(view, range(view.num_queries), None, keys, count, budget)
+        within_fold = torch.empty(view.num_queries, 10, dtype=torch.long)
+        for image_rows, caption_columns in folds:
+            queries, items = (image_rows, caption_columns) if direction == "i2t" else (caption_columns, image_rows)
+            within_fold[queries] = _ranked_lists(view, queries, items, {"coco": keys["coco"]}, 10, budget)["coco"]
+        to_ids = gallery_ids[direction]
+        chosen = {"coco": _merged_lists(view, ranked["coco"][:, :10], within_fold, keys["coco"], to_ids),
+                  "cxc": to_ids[ranked["cxc"][:, :10]].tolist(), "eccv": to_ids[ranked["eccv"]].tolist()}
+        for name, ranked_ids in chosen.items():
+            lists[name][direction] = dict(zip(query_ids[direction], ranked_ids))
+    return _package_block(benchmark, lists, folds_as_ours(image_ids, folds), source)
+
+
+def folds_as_ours(image_ids, folds):
+    """Whether the package's five COCO 1K folds ((image rows, caption columns) per fold) hold the
+    same images as ours, five blocks of 1,000 consecutive images of the loader."""
+    ours = {frozenset(range(first, first + COCO_FOLD_IMAGES)) for first in range(0, len(image_ids), COCO_FOLD_IMAGES)}
+    return ours == {frozenset(rows.tolist()) for rows, _ in folds}
+
+
+def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=False, draw=None, eccv=False):
     """Evaluate each checkpoint and, for several, their ensemble: the mean of their score matrices.
 
     Each checkpoint encodes the split with its own config (plus `overrides`), vocabulary and
@@ -277,13 +387,19 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     caption counts or order) raise DataMismatchError naming the two. `draw(model, cfg, loader, device,
     encoded, results, options, positives=...)`, if given, is called for each model with its encoded
     split and `complete_relation`'s positives (None without a known relation) (--figures).
+    eccv=True adds each model's (and the ensemble's) "eccv" block (`eccv_results`), scored on the
+    full matrix; a checkpoint that is not MS-COCO fails before anything is loaded, its ids and the
+    package before its split is encoded.
     """
     for path in paths:                      # a missing file fails before hours of encoding the others
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path!r} does not exist")
     for path in paths:                      # so does a corrupt one, a bad config or a bad similarity
-        checkpoint_settings(load_checkpoint(path), path, overrides, method)
-    per_model, summed, reference = [], None, None
+        cfg, _, _ = checkpoint_settings(load_checkpoint(path), path, overrides, method)
+        if eccv and cfg["data"]["dataset"] not in COCO_DATASETS:
+            raise EccvError(f"--eccv scores MS-COCO's 5K test split, and checkpoint {path!r} evaluates "
+                            f"data.dataset={cfg['data']['dataset']} (use a coco or precomputed COCO checkpoint)")
+    per_model, summed, reference, benchmark = [], None, None, None
     for path in paths:
         checkpoint = load_checkpoint(path)
         cfg, model_method, options = checkpoint_settings(checkpoint, path, overrides, method)
@@ -295,12 +411,20 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
             reference = (path, model_split, signature)
         else:
             check_same_split(reference, (path, model_split, signature))
+        if eccv:
+            ids = coco_ids(cfg["data"], model_split, loader.dataset)
+            check_eccv_split(ids, model_split)                  # the counts; then the package's very ids
+            benchmark = benchmark or eccv_benchmark()
+            check_eccv_split(ids, model_split, benchmark)
         encoded = encode_split(model, loader, device, cfg["train"]["amp"]) if draw else None
         positives, source = complete_relation(cfg, model_split, loader.dataset)
-        scores, caption_to_image, collapse = score_split(model, cfg, loader, device, model_method, options, progress,
-                                                         encoded, ranks_only=len(paths) == 1 and positives is None)
+        scores, caption_to_image, collapse = score_split(
+            model, cfg, loader, device, model_method, options, progress, encoded,
+            ranks_only=len(paths) == 1 and positives is None and not eccv)
         results = ranking_results(scores, caption_to_image, cfg["data"]["dataset"])
         results.update(complete_results(scores, positives, source))
+        if eccv:
+            results["eccv"] = eccv_results(scores, caption_to_image, ids, benchmark)
         per_model.append({"ckpt": path, "split": model_split, **results, "collapse": collapse,
                           "method": model_method})
         if draw:
@@ -317,6 +441,8 @@ def evaluate_checkpoints(paths, overrides=(), split=None, method=None, progress=
     summed /= len(paths)
     ensemble = ranking_results(summed, caption_to_image, cfg["data"]["dataset"])
     ensemble.update(complete_results(summed, positives, source))
+    if eccv:
+        ensemble["eccv"] = eccv_results(summed, caption_to_image, ids, benchmark)
     ensemble["method"] = f"mean of {len(paths)} score matrices ({', '.join(r['method'] for r in per_model)})"
     return per_model, ensemble
 
@@ -454,7 +580,7 @@ def format_results(results, title=""):
     lines = [title] if title else []
     lines.append(metrics_header(""))
     lines += [f"{protocol:8s}{metrics_row(metrics)}" for protocol, metrics in results.items() if protocol in PROTOCOLS]
-    lines += complete_lines(results)
+    lines += eccv_lines(results) if "eccv" in results else complete_lines(results)    # COCO's note points to --eccv
     lines.append(f"similarity: {results.get('method')}   {COLLAPSE_HEADER}")
     lines += [f"  {modality:8s}{collapse_row(results['collapse'][modality])}" for modality in MODALITIES]
     if results["collapse"].get("note"):
@@ -471,7 +597,7 @@ def format_ensemble(per_model, ensemble):
         lines += [f"{name:{width}s}{protocol:8s}{metrics_row(metrics)}"
                   for protocol, metrics in results.items() if protocol in PROTOCOLS]
     for name, results in [(r["ckpt"], r) for r in per_model] + [("ensemble", ensemble)]:
-        lines += complete_lines(results, f"{name}: ")
+        lines += eccv_lines(results, f"{name}: ") if "eccv" in results else complete_lines(results, f"{name}: ")
     lines.append(f"ensemble: {ensemble['method']}")
     lines.append(COLLAPSE_HEADER)
     for results in per_model:
@@ -492,6 +618,8 @@ def main(argv=None):
     parser.add_argument("--progress", action="store_true", help="show a progress bar while scoring")
     parser.add_argument("--figures", default=None, metavar="DIR", help="also draw the sets as PNGs + DIR/index.html")
     parser.add_argument("--figures-count", type=int, default=8, metavar="N", help="images in the figures (default 8)")
+    parser.add_argument("--eccv", action="store_true", help="MS-COCO 5K test split: also ECCV Caption, CxC and "
+                        f"COCO R@K by the eccv_caption package ({ECCV_INSTALL})")
     try:
         flags, overrides = separate_overrides(sys.argv[1:] if argv is None else list(argv), parser)
         args = parser.parse_args(flags)
@@ -499,7 +627,7 @@ def main(argv=None):
             check_out_request(args.out)
         draw = figures_request(args)
         per_model, ensemble = evaluate_checkpoints(args.ckpt, overrides, split=args.split, method=args.method,
-                                                   progress=args.progress, draw=draw)
+                                                   progress=args.progress, draw=draw, eccv=args.eccv)
     except USER_ERRORS + (FiguresError,) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -596,6 +724,141 @@ def _query_positive_metrics(scores, positives, chunk_size):
             "positives_per_query": counts.double().mean().item()}
 
 
+class _DirectionScores:
+    """One retrieval direction of a score matrix (N_img, N_cap): queries are images (i2t) or
+    captions (t2i), items the other side; block(queries, items) is their (q, m) scores."""
+
+    def __init__(self, scores, direction):
+        self.scores, self.direction = scores, direction
+        self.num_queries, self.num_items = scores.shape if direction == "i2t" else scores.shape[::-1]
+
+    def block(self, queries, items):
+        """(q, m) scores; `queries` a range(first, stop) or an index tensor, `items` None (all) or an index tensor."""
+        device = self.scores.device
+        if self.direction == "i2t":
+            rows = self.scores[queries.start:queries.stop] if isinstance(queries, range) else \
+                self.scores.index_select(0, queries.to(device))
+            return rows if items is None else rows.index_select(1, items.to(device))
+        rows = self.scores if items is None else self.scores.index_select(0, items.to(device))  # rows first: contiguous
+        columns = rows[:, queries.start:queries.stop] if isinstance(queries, range) else \
+            rows.index_select(1, queries.to(device))
+        return columns.t()                       # a view: topk reads it as fast as a transposed copy
+
+    def pairs(self, queries, items):
+        """Scores of (q, m) query-item index pairs."""
+        queries, items = queries.to(self.scores.device), items.to(self.scores.device)
+        if self.direction == "i2t":
+            return self.scores[queries[:, None], items]
+        return self.scores[items, queries[:, None]]
+
+
+def _positive_keys(gts, query_index, item_index, num_items):
+    """Sorted query * num_items + item keys of a benchmark's positives {query id: [item ids]} that
+    lie in our gallery (a few ECCV positives are captions outside the 25,000)."""
+    keys = [query_index[query] * num_items + item_index[item]
+            for query, items in gts.items() for item in items if item in item_index and query in query_index]
+    return torch.tensor(sorted(keys), dtype=torch.long)
+
+
+def _ranked_lists(view, queries, items, keys, count, budget):
+    """{benchmark: (len(queries), count) item indices}: each query's first `count` of `items` (None:
+    all), ranked by score descending, a positive of that benchmark after a tied non-positive, then
+    by index. `queries` a range or an index tensor of query indices.
+
+    Only the items scoring at least the query's count-th largest score can come first: the top
+    count + 1 show whether a tie runs past that boundary; where none does, the top `count` are the
+    candidates, else every item at or above the boundary is (queries with as many, together)."""
+    num_items = view.num_items if items is None else len(items)
+    count = min(count, num_items)
+    item_index = torch.arange(num_items) if items is None else items
+    query_index = torch.arange(queries.start, queries.stop) if isinstance(queries, range) else queries
+    ranked = {name: torch.empty(len(query_index), count, dtype=torch.long) for name in keys}
+    step = max(1, budget // max(num_items, 1))
+    for first in range(0, len(query_index), step):
+        chunk = range(queries.start + first, min(queries.start + first + step, queries.stop)) \
+            if isinstance(queries, range) else query_index[first:first + step]
+        chunk_index = query_index[first:first + step]
+        block = view.block(chunk, items)                                             # (q, m)
+        values, top = block.topk(min(count + 1, num_items), dim=1)
+        spill = values[:, count] == values[:, count - 1] if count < num_items else torch.zeros(
+            len(chunk_index), dtype=torch.bool, device=block.device)
+        groups = [((~spill).nonzero().squeeze(1), top[~spill][:, :count], values[~spill][:, :count])]
+        if spill.any():
+            rows = spill.nonzero().squeeze(1)
+            at_or_above = block[rows] >= values[rows, count - 1:count]
+            sizes = at_or_above.sum(dim=1)
+            for size in sizes.unique().tolist():
+                same = (sizes == size).nonzero().squeeze(1)
+                local = at_or_above[same].nonzero()[:, 1].view(len(same), size)      # ascending item order
+                groups.append((rows[same], local, block[rows[same]].gather(1, local)))
+        for rows, local, group_values in groups:
+            candidates = item_index.to(local.device)[local]                          # (r, size) item indices
+            query_keys = chunk_index.to(rows.device)[rows][:, None] * view.num_items
+            for name, positive in keys.items():
+                flags = torch.isin(query_keys + candidates, positive.to(candidates.device))
+                order = _positives_last_order(group_values, flags, candidates)[:, :count]
+                ranked[name][first + rows.cpu()] = candidates.gather(1, order).cpu()
+    return ranked
+
+
+def _merged_lists(view, first, second, positive, to_ids):
+    """Per query, the ids of the items of two (Q, k) rankings of one benchmark merged into one list
+    in its order (score descending, a positive after a tied non-positive, then by index), each once."""
+    queries = torch.arange(first.shape[0])
+    candidates = torch.cat([first, second], dim=1)                                   # (Q, 2k)
+    values = view.pairs(queries, candidates).cpu()
+    flags = torch.isin(queries[:, None] * view.num_items + candidates, positive)
+    merged = candidates.gather(1, _positives_last_order(values, flags, candidates))
+    fresh = torch.ones_like(merged, dtype=torch.bool)
+    fresh[:, 1:] = merged[:, 1:] != merged[:, :-1]                                   # a repeat sorts next to itself
+    return [[item for item, keep in zip(row, keeps) if keep]
+            for row, keeps in zip(to_ids[merged].tolist(), fresh.tolist())]
+
+
+def _positives_last_order(values, flags, items):
+    """(r, m) permutation ordering each row by value descending, then non-positives before
+    positives, then item index: three stable sorts, the last key first."""
+    order = items.argsort(dim=1)
+    order = order.gather(1, flags.gather(1, order).to(torch.uint8).sort(dim=1, stable=True).indices)
+    return order.gather(1, values.gather(1, order).sort(dim=1, descending=True, stable=True).indices)
+
+
+def _package_block(benchmark, lists, folds_agree, source):
+    """Call the package on the ranked id lists and lay its fractions out as percent."""
+    def recalls(method, retrieved):
+        metrics = {}
+        for k in (1, 5, 10):
+            score = method(retrieved, "all", K=k)
+            metrics.update({f"{direction}_r{k}": 100.0 * float(score[direction]) for direction in ("i2t", "t2i")})
+        metrics = {key: metrics[key] for key in RECALL_KEYS}
+        metrics["rsum"] = sum(metrics.values())
+        return metrics
+
+    with contextlib.redirect_stderr(io.StringIO()):      # its ECCV loop draws a tqdm bar whatever verbose says
+        eccv = benchmark.eccv_metrics(lists["eccv"], "all")
+        block = {"eccv_caption": {
+                     direction: {"map_at_r": 100.0 * float(eccv["eccv_map_at_r"][direction]),
+                                 "r_precision": 100.0 * float(eccv["eccv_rprecision"][direction]),
+                                 "r1": 100.0 * float(eccv["eccv_r1"][direction]),
+                                 "queries": len(benchmark.eccv_gts[direction]),
+                                 "positives_per_query": sum(map(len, benchmark.eccv_gts[direction].values()))
+                                 / len(benchmark.eccv_gts[direction])}
+                     for direction in ("i2t", "t2i")},
+                 "cxc": recalls(benchmark.cxc_recalls, lists["cxc"]),
+                 "coco_5k": recalls(benchmark.coco_5k_recalls, lists["coco"]),
+                 "coco_1k": recalls(benchmark.coco_1k_recalls, lists["coco"])}
+    block.update({"coco_1k_folds_as_ours": folds_agree, "ids": source, "package": _package_version(),
+                  "pmrp": None, "pmrp_note": PMRP_NOTE})
+    return block
+
+
+def _package_version():
+    try:
+        return f"eccv_caption {importlib.metadata.version('eccv-caption')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "eccv_caption"
+
+
 COLLAPSE_HEADER = "set collapse (intra-set cos | cos to global | log var | log circ var):"
 
 
@@ -610,6 +873,27 @@ def complete_lines(results, prefix=""):
         metrics = complete[direction]
         lines.append(f"{direction:8s}{metrics['map_at_r']:9.2f}{metrics['r_precision']:9.2f}{metrics['r1']:9.2f}"
                      f"{metrics['positives_per_query']:11.2f}")
+    return lines
+
+
+def eccv_lines(results, prefix=""):
+    """The "eccv" block under the tables: ECCV Caption's three numbers, then CxC, COCO 5K and 1K R@K."""
+    if "eccv" not in results:
+        return []
+    block = results["eccv"]
+    lines = [f"{prefix}ECCV Caption, CxC and COCO by {block['package']} (ids: {block['ids']}):",
+             f"{'ECCV':8s}{'mAP@R':>9s}{'R-Prec':>9s}{'R@1':>9s}{'queries':>9s}{'positives':>11s}"]
+    for direction in ("i2t", "t2i"):
+        metrics = block["eccv_caption"][direction]
+        lines.append(f"{direction:8s}{metrics['map_at_r']:9.2f}{metrics['r_precision']:9.2f}{metrics['r1']:9.2f}"
+                     f"{metrics['queries']:9d}{metrics['positives_per_query']:11.2f}")
+    lines.append(metrics_header("")[:8 + 9 * (len(RECALL_KEYS) + 1)])
+    for key, name in (("cxc", "CxC"), ("coco_5k", "COCO 5K"), ("coco_1k", "COCO 1K")):
+        lines.append(f"{name:8s}" + "".join(f"{block[key][k]:9.2f}" for k in RECALL_KEYS + ("rsum",)))
+    lines.append("COCO 1K folds: " + ("the same five folds of 1,000 images as ours" if block["coco_1k_folds_as_ours"]
+                                      else "the package's (blocks of its caption id list), not ours: its 1K ranks "
+                                           "other sub-galleries than our 1k row"))
+    lines.append(block["pmrp_note"])
     return lines
 
 
