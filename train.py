@@ -21,7 +21,6 @@ Under torchrun's elastic agent a dead or hung worker makes the others leave with
 node joining or leaving under `--nnodes=MIN:MAX`) they continue the run folder's last.pt by
 themselves, with any number of processes (same global batch and sample order).
 """
-import datetime
 import json
 import math
 import os
@@ -29,16 +28,16 @@ import random
 import signal
 import sys
 import time
-import uuid
+import traceback
 import weakref
 
 import numpy
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from config import ConfigError, checkpoint_config, load_config, validate_config
+from distributed import gloo_threads_left, join_job, lost_peer_reason
 from data import (DataError, build_loader, build_text_tokenizer, build_vocabulary, derive_seed, prepare_data,
                   set_loader_epoch, training_captions)
 from evaluate import (ArgumentParser, FlagError, build_eval_context, evaluate_model, format_results,
@@ -56,37 +55,42 @@ class TrainingError(Exception):
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, FlagError, TrainingError)
 LOST_PEER_EXIT = 1          # exit code after another process of the job died or hung
-# gloo's errors that reach Python as a bare RuntimeError, not a DistError: its transport errors name
-# their source file, but a broadcast from the root (DDP's buffer sync) whose peer hung past the
-# timeout only says "Application timeout caused pair closure".
-GLOO_PEER_ERRORS = ("gloo/transport", "Application timeout caused pair closure", "Connection closed by peer")
 
 
 def main(argv=None, exiting=False):
-    """exiting=True (the command line): the process ends when this returns (see train)."""
+    """exiting=True (the command line): the process ends when this returns. Every path out (normal
+    end, train.stop_after_steps, a signal, a lost peer, a user error, any other exception) has left
+    the job (distributed.py's teardown, inside train) and dropped the exception before this returns;
+    an unexpected exception is then printed here instead of by the interpreter, whose saved
+    traceback would keep the training frames, and the process group they use, alive into its
+    shutdown."""
     try:
         args = parse_command_line(argv)
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume, exiting=exiting)
+        code = 0
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except Interrupted as stop:
-        return stop.exit_code
+        code = stop.exit_code
+    except LostPeer:                # its one line is already printed (see train)
+        code = LOST_PEER_EXIT
     except KeyboardInterrupt:       # Ctrl-C outside the training loop (e.g. in the final test)
         print("interrupted; checkpoints already written are complete", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except Exception as error:      # noqa: BLE001 - only a lost peer is turned into one line
-        reason = lost_peer_reason(error)
-        if reason is None:
+        code = 128 + signal.SIGINT
+    except Exception:               # noqa: BLE001 - a bug: its traceback, then the same exit as every path
+        if not exiting:
             raise
-        print(f"error: rank {os.environ.get('RANK', '0')}: {reason}; leaving so that torchrun can restart "
-              "the workers (they continue from the run's last.pt)", file=sys.stderr, flush=True)
-        return LOST_PEER_EXIT
-    finally:
-        if exiting and dist.is_initialized():
-            dist.destroy_process_group()    # a gloo group left to the interpreter's exit can abort it
-    return 0
+        traceback.print_exc()
+        code = 1
+    if exiting:
+        left = gloo_threads_left()
+        if left:
+            print(f"warning: rank {os.environ.get('RANK', '0')}: gloo threads still running at exit ({', '.join(left)}): "
+                  "something still holds the process group; the interpreter's shutdown may abort",
+                  file=sys.stderr, flush=True)
+    return code
 
 
 def parse_command_line(argv=None):
@@ -106,14 +110,34 @@ def train(cfg, resume=None, exiting=False):
     SIGTERM / Ctrl-C during training or validation stop the run at the next step or epoch end (all
     ranks agree, last.pt is saved, Interrupted is raised); the previous signal handlers are back when
     this returns or raises, and before the final test, which a Ctrl-C interrupts at once. exiting=True
-    (the command line): after a signal stop they stay ignored instead, so a SIGTERM that torchrun
-    sends to ranks still exiting cannot turn their exit code 128 + signal into death by signal.
+    (the command line): when training ends any other way than normally (a signal stop, a lost peer,
+    an error) they stay ignored instead, so a SIGTERM that torchrun sends to the ranks still exiting
+    cannot turn their exit code into death by signal, nor end them before they said why.
 
     Under torchrun, a start of the workers after the first one in the same job continues the run
-    folder's last.pt whatever `resume` says (see elastic_resume)."""
+    folder's last.pt whatever `resume` says (see elastic_resume). A lost peer prints its one line
+    and raises LostPeer. The job is left (distributed.py) on every way out."""
     validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     require_tensorboard(cfg)
-    context = setup_distributed(cfg)
+    context = None
+    try:
+        context = join_job(select_device(cfg), cfg["run"]["dist_timeout_s"])
+        return train_in_job(cfg, context, resume, exiting)
+    except Exception as error:      # noqa: BLE001 - only a lost peer is turned into one line
+        reason = lost_peer_reason(error)
+        if reason is None:
+            raise
+        # printed before leaving the job: a teardown that waited on the dead peer must not swallow it
+        print(f"error: rank {os.environ.get('RANK', '0')}: {reason}; leaving so that torchrun can restart "
+              "the workers (they continue from the run's last.pt)", file=sys.stderr, flush=True)
+        raise LostPeer(reason) from None
+    finally:
+        if context is not None:
+            context.close()
+
+
+def train_in_job(cfg, context, resume, exiting):
+    """train() once this process has joined the job."""
     if cfg["run"]["num_threads"]:
         torch.set_num_threads(int(cfg["run"]["num_threads"]))
     if cfg["run"]["deterministic"]:
@@ -127,7 +151,7 @@ def train(cfg, resume=None, exiting=False):
         report_continuation(checkpoint, restarted, context, run_dir)
         if checkpoint or restarted:
             trim_log(os.path.join(run_dir, "log.jsonl"), checkpoint["state"] if checkpoint else None)
-    context.mark_run_started(run_dir)
+    context.store_mark(run_started_key(run_dir))   # later starts of the workers in this job continue it
 
     if context.local_rank == 0:         # one per node: nodes need not share the data folder
         prepare_data(cfg["data"])
@@ -174,8 +198,14 @@ def train(cfg, resume=None, exiting=False):
     try:
         finished = train_epochs(cfg, context, state, stop, save, trainer, model, optimizer, scheduler, scaler,
                                 train_loader, val_loader, run_dir, exiting)
-    finally:
-        stop.restore()      # before the final test: a Ctrl-C there interrupts the evaluation
+    except BaseException:
+        # Leaving with an error or a signal stop. On the command line the signals stay ignored: torchrun
+        # sends SIGTERM to the survivors within 0.1 s of one worker failing, and the default handler
+        # back here would end this process before train() prints why it leaves (a lost peer's line).
+        stop.ignore_further_signals() if exiting else stop.restore()
+        raise
+    stop.restore()          # before the final test: a Ctrl-C there interrupts the evaluation
+    del trainer             # DDP's reducer holds the process group: leaving the job must free it
     if not finished:        # train.stop_after_steps
         return run_dir
     if context.is_main:
@@ -321,6 +351,20 @@ def final_test(cfg, run_dir, device):
 
 # ----------------------------------------------------------------------------- pieces
 
+def select_device(cfg):
+    """run.device: auto (this process's GPU, LOCAL_RANK, when there is one), cpu or cuda."""
+    wanted = cfg["run"]["device"]
+    if wanted not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device={wanted!r}; use auto, cpu or cuda")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is available; use run.device=auto or cpu")
+    if not torch.cuda.is_available() or wanted == "cpu":
+        return torch.device("cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    torch.cuda.set_device(device)
+    return device
+
+
 def make_vocabulary(cfg):
     if cfg["model"]["text"]["type"] != "gru":
         return None
@@ -437,7 +481,7 @@ def elastic_resume(resume, run_dir, context):
     if context.job_store is None:
         return resume, False
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or \
-        context.job_store.check([run_started_key(run_dir)])
+        context.store_has(run_started_key(run_dir))
     if not context.any_rank(restarted):     # every rank looked before any rank marks the run started
         return resume, False
     return ("auto" if os.path.exists(os.path.join(run_dir, "last.pt")) else resume), True
@@ -540,6 +584,10 @@ def atomic_save(obj, path):
             os.remove(temporary)
 
 
+class LostPeer(Exception):
+    """Another process of the job died or hung; its one line is printed (see train)."""
+
+
 class Interrupted(Exception):
     """Raised after a signal-triggered save; carries the shell exit code (128 + signal)."""
 
@@ -572,11 +620,7 @@ class StopRequest:
         self.signal_number = max(self.signal_number, signal_number)
 
     def agreed(self):
-        flag = torch.tensor([self.signal_number], dtype=torch.int32)
-        if self.context.world_size > 1:
-            # A one-element all_reduce on the host (gloo): no GPU sync; see benchmarks/stop_flag_cost.py
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.context.host_group)
-        self.agreed_signal = int(flag[0])
+        self.agreed_signal = self.context.largest(self.signal_number)
         return self.agreed_signal > 0
 
     def ignore_further_signals(self):
@@ -645,158 +689,6 @@ class RunningMean:
 
     def means(self):
         return {key: round(value.item() / max(self.count, 1), 5) for key, value in self.sums.items()}
-
-
-class DistributedContext:
-    """Rank, world size and device of this process, plus gather/barrier that are no-ops alone.
-    `job_store`: under torchrun, the launcher's key-value store, which lives as long as the job."""
-
-    def __init__(self, rank, world_size, device, host_group=None, local_rank=0, job_store=None):
-        self.rank, self.world_size, self.device, self.local_rank = rank, world_size, device, local_rank
-        self.is_main = rank == 0
-        self.host_group = host_group    # a gloo group for small host-side collectives (None: the default)
-        self.job_store = job_store
-
-    def any_rank(self, flag):
-        """True on every rank when `flag` is true on any rank."""
-        return self.min_max(int(bool(flag)))[1] == 1
-
-    def min_max(self, value):
-        """(smallest, largest) of an integer over the ranks, on every rank."""
-        if self.world_size == 1:
-            return value, value
-        values = torch.tensor([-value, value], dtype=torch.int64)
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.host_group)
-        return -int(values[0]), int(values[1])
-
-    def mark_run_started(self, run_dir):
-        """Tell later starts of the workers in this job that this run is under way (see elastic_resume)."""
-        if self.job_store is not None and self.is_main:
-            self.job_store.set(run_started_key(run_dir), "1")
-
-    def gather_objects(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, host side)."""
-        if self.world_size == 1:
-            return [obj]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj, group=self.host_group)
-        return gathered
-
-    def gather(self, tensors, with_grad=True):
-        """Concatenate each tensor over processes along dim 0 (rank order), keeping the gradient."""
-        if self.world_size == 1:
-            return tensors
-        if with_grad:
-            return [GatherWithGradient.apply(t) for t in tensors]
-        return [all_gather_cat(t) for t in tensors]
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-
-class GatherWithGradient(torch.autograd.Function):
-    """all_gather whose backward hands each process the gradient of its own slice, summed over the
-    processes (each computes the same global loss; DDP then averages, which undoes the sum)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        ctx.rows = tensor.shape[0]
-        return all_gather_cat(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows]
-
-
-def all_gather_cat(tensor):
-    """Concatenation over processes along dim 0, in rank order (equal sizes on every rank)."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def setup_distributed(cfg):
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    wanted = cfg["run"]["device"]
-    if wanted not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"run.device={wanted!r}; use auto, cpu or cuda")
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is available; use run.device=auto or cpu")
-    use_cuda = torch.cuda.is_available() and wanted != "cpu"
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=cfg["run"]["dist_timeout_s"])
-    job_store = None
-    if world_size > 1 and not dist.is_initialized():
-        job_store = join_process_group("nccl" if use_cuda else "gloo", rank, world_size, timeout)
-    elif world_size == 1 and "TORCHELASTIC_RUN_ID" in os.environ:    # torchrun with one process: no group
-        job_store = next(dist.rendezvous("env://", 0, 1, timeout=timeout))[0]
-    # NCCL runs: stop flags and RNG states travel through a gloo group, so the host never waits on the GPU
-    host_group = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 and use_cuda else None
-    return DistributedContext(rank, world_size, device, host_group, local_rank, job_store)
-
-
-def join_process_group(backend, rank, world_size, timeout):
-    """init_process_group through torchrun's store (MASTER_ADDR:MASTER_PORT), under a key prefix that
-    is new at every start of the workers; returns that store.
-
-    torchrun's agent keeps one store for the whole job, so the keys a process group writes while it
-    connects (each rank's address) outlive the workers. Workers started again after a failure read
-    the dead ones' addresses there and wait for them (static rendezvous) or are refused (c10d). Rank 0
-    therefore draws a new attempt id for every start, and the other ranks take it only after rank 0
-    has echoed a token each of them wrote under it: an id left in the store by an earlier start has
-    no live rank 0 to answer."""
-    store = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))[0]
-    attempt = agree_on_attempt(store, rank, world_size, timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"maxmatch/attempt/{attempt}/", store), rank=rank,
-                            world_size=world_size, timeout=timeout)
-    return store
-
-
-def agree_on_attempt(store, rank, world_size, timeout, poll_s=0.02):
-    """The attempt id that rank 0 of THIS start of the workers drew (see join_process_group)."""
-    current = "maxmatch/attempt"
-    if rank == 0:
-        attempt = uuid.uuid4().hex
-        store.set(current, attempt)
-        tokens = [f"maxmatch/attempt/{attempt}/token/{other}" for other in range(1, world_size)]
-        store.wait(tokens, timeout)
-        for other, key in enumerate(tokens, start=1):
-            store.set(f"maxmatch/attempt/{attempt}/echo/{other}", store.get(key))
-        return attempt
-    token, attempt = uuid.uuid4().hex.encode(), None
-    deadline = time.monotonic() + timeout.total_seconds()
-    while time.monotonic() < deadline:
-        latest = store.get(current).decode() if store.check([current]) else None
-        if latest is not None and latest != attempt:    # a new id (or the first seen): hand in our token
-            attempt = latest
-            store.set(f"maxmatch/attempt/{attempt}/token/{rank}", token)
-        echo = f"maxmatch/attempt/{attempt}/echo/{rank}"
-        if attempt is not None and store.check([echo]) and store.get(echo) == token:
-            return attempt
-        time.sleep(poll_s)
-    raise dist.DistStoreError(f"rank 0 did not answer within run.dist_timeout_s={timeout.total_seconds():g} s "
-                              "while the processes connected")
-
-
-def lost_peer_reason(error):
-    """What happened, in one line, when `error` comes from a collective or the store (a peer died,
-    hung past run.dist_timeout_s, or never connected); None for any other error."""
-    text = str(error)
-    if not isinstance(error, dist.DistError) and not any(part in text for part in GLOO_PEER_ERRORS):
-        return None
-    detail = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail  # "[file.cc:561] "
-    detail = detail.split(". This is typically")[0]
-    return f"another process of the job died or hung ({detail[:200]})"
 
 
 def count_parameters(model):

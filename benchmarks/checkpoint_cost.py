@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from data import SPECIAL_WORDS  # noqa: E402
 from model import build_model  # noqa: E402
-from train import CheckpointWriter, DistributedContext, build_optimizer  # noqa: E402
+from distributed import DistributedContext  # noqa: E402
+from train import CheckpointWriter, build_optimizer  # noqa: E402
 from train_step_speed import random_weights  # noqa: E402
 
 TINY = ["model.embed_dim=32", "model.num_embeds=2", "model.set_head.depth=1", "model.text.word_dim=16",

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train import DistributedContext, StopRequest  # noqa: E402
+from distributed import DistributedContext  # noqa: E402
+from train import StopRequest  # noqa: E402
 
 
 def main(argv=None):

@@ -31,7 +31,8 @@ sys.path.insert(0, REPO)
 from config import load_config  # noqa: E402
 from encoder_cost import BERT_BASE, VOCAB as GRU_VOCAB  # noqa: E402
 from model import build_model  # noqa: E402
-from train import DistributedContext, build_optimizer, training_step  # noqa: E402
+from distributed import DistributedContext  # noqa: E402
+from train import build_optimizer, training_step  # noqa: E402
 
 SYNC_ERROR = "synchronizing CUDA operation"     # torch's message under set_sync_debug_mode("error")
 

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import distributed
 import train
 from data import prepare_data
 from model import load_checkpoint
@@ -24,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
        "PYTHONFAULTHANDLER": "1"}
 RUN_LIMIT_S = 300
+GLOO_THREADS_WARNING = "gloo threads still running at exit"     # train.main's warning (see distributed.py)
 # Comparisons of 1 and 2 processes: SGD (Adam's update ignores the gradient's scale and would hide a
 # loss-scaling bug), dropout off, 3 steps. One step at this lr moves half of the weights by more
 # than 1e-4; float noise stays below it.
@@ -47,26 +49,41 @@ def shapes_overrides(tmp_path, shapes_root, name):
 
 def torchrun(args, timeout=RUN_LIMIT_S, launcher=("--standalone", "--nproc_per_node=2"), script="train.py"):
     """train.py under `torchrun --nproc_per_node=2` (gloo; `launcher`: torchrun's own arguments); the
-    CompletedProcess."""
+    CompletedProcess. Past `timeout` the test fails with every worker's Python stacks (see kill_job).
+    Every run must leave without gloo threads still running at exit (train.py warns of them)."""
     process = start_torchrun(args, launcher, script)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_job(process)
-        pytest.fail(f"torchrun {' '.join(args[-3:])} did not finish within {timeout} s")
+        stderr = kill_job(process)
+        pytest.fail(f"torchrun {' '.join(args[-3:])} did not finish within {timeout} s; the workers' stacks and "
+                    f"stderr:\n{stderr[-12000:]}")
+    assert GLOO_THREADS_WARNING not in stderr, stderr[-12000:]
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def kill_job(process):
-    """SIGKILL torchrun's workers (each in its own session, so not in the launcher's process group)
-    and then the launcher."""
-    for pid in worker_pids(process.pid):
+    """End a job that outlived its limit: SIGABRT to torchrun's workers (each in its own session, so not
+    in the launcher's process group), which with PYTHONFAULTHANDLER prints every thread's Python
+    stack, then SIGKILL to them and the launcher. Returns the launcher's stderr from then on (the
+    workers' stacks: they share it)."""
+    workers = worker_pids(process.pid)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+    time.sleep(2)
+    for pid in workers:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     os.killpg(process.pid, signal.SIGKILL)
-    process.communicate()
+    try:
+        return process.communicate()[1] or ""
+    except ValueError:          # the pipe was read by another thread (LineReader)
+        return ""
 
 
 def start_torchrun(args, launcher=("--standalone", "--nproc_per_node=2"), script="train.py"):
@@ -152,8 +169,10 @@ def test_sigterm_to_one_worker_stops_every_rank_and_the_run_resumes(tmp_path, sh
         signalled = time.time()
         stdout, stderr = process.communicate(timeout=60)
     except (AssertionError, subprocess.TimeoutExpired):
-        kill_job(process)
-        pytest.fail("the job did not start, or did not end after SIGTERM to one worker")
+        stderr = kill_job(process)
+        pytest.fail(f"the job did not start, or did not end after SIGTERM to one worker; the workers' stacks and "
+                    f"stderr:\n{stderr[-12000:]}")
+    assert GLOO_THREADS_WARNING not in stderr, stderr[-12000:]
     assert time.time() - signalled < 30
     # torchrun's failure summary: "rank : 1 (local_rank: 1)" then "exitcode : 143 (pid: ...)"
     exit_codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank[^\n]*\n[^\n]*exitcode\s*:\s*(-?\d+)", stderr))
@@ -174,16 +193,52 @@ def test_a_signal_arriving_while_the_stop_flag_is_in_flight_is_sent_at_the_next_
     (it did once, and the job then trained on forever). The collective here is rank 0's view of a
     2-rank MAX where the other rank has no signal: the tensor is left as it is."""
     previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    stop = train.StopRequest(train.DistributedContext(0, 2, torch.device("cpu")))
+    stop = train.StopRequest(distributed.DistributedContext(0, 2, torch.device("cpu")))
 
     def all_reduce_during_which_sigterm_arrives(flag, op, group):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
     try:
-        monkeypatch.setattr(train.dist, "all_reduce", all_reduce_during_which_sigterm_arrives)
+        monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce_during_which_sigterm_arrives)
         assert stop.signal_number == 0 and not stop.agreed()      # sent 0: no rank stops at this step
-        monkeypatch.setattr(train.dist, "all_reduce", lambda flag, op, group: None)
+        monkeypatch.setattr(distributed.dist, "all_reduce", lambda flag, op, group: None)
         assert stop.agreed() and stop.agreed_signal == signal.SIGTERM    # sent at the next step
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+# ----------------------------------------------------------------------------- leaving the job
+
+def test_leaving_the_job_stops_every_gloo_thread_before_the_interpreter_exits():
+    """distributed.py imports torch.distributed.nn before any group exists; imported after one (as
+    torchvision does when the image encoder is built), its default arguments keep the group and its
+    threads alive past destroy_process_group into the interpreter's shutdown (the abort's cause).
+    Each case runs in a fresh interpreter with a one-process gloo group."""
+    script = """import os, sys
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist
+if {first}:
+    import distributed
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+import torch.distributed.nn        # the late import: torchvision's, via torch._dynamo
+import distributed
+before = distributed.gloo_threads_left()
+distributed.DistributedContext(0, 1, None, owns_groups=True).close()
+print(len(before), len(distributed.gloo_threads_left()))
+"""
+    counts = {}
+    for first in (True, False):
+        result = subprocess.run([sys.executable, "-c", script.format(repo=REPO, first=first)], env=ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        counts[first] = [int(n) for n in result.stdout.split()]
+    assert counts[True][0] > 0 and counts[True][1] == 0, counts         # imported first: all stopped
+    assert counts[False][1] > 0, counts                                  # imported late: they outlive the group
+
+
+def test_a_two_process_run_that_stops_after_steps_exits_with_no_gloo_thread_left(tmp_path, shapes_root):
+    """The CI abort's path: 2 processes, train.stop_after_steps; torchrun() requires no warning."""
+    result = torchrun(shapes_overrides(tmp_path, shapes_root, "run") + ["train.stop_after_steps=3"])
+    assert result.returncode == 0, result.stderr[-12000:]
+    assert "Traceback" not in result.stderr and "terminate called" not in result.stderr, result.stderr[-12000:]

@@ -1,6 +1,6 @@
 """The import graph of the top-level modules is a tree that can be read bottom-up:
-similarity.py, losses.py -> config.py, model.py, shapes.py -> data.py -> figures.py -> evaluate.py -> train.py,
-search.py.
+similarity.py, losses.py -> config.py, model.py, shapes.py, distributed.py -> data.py -> figures.py -> evaluate.py
+-> train.py, search.py.
 
 Every import is found with `ast`, including imports inside functions and under `if __name__ == ...`.
 """
@@ -19,11 +19,12 @@ ALLOWED = {
     "losses": set(),
     "shapes": set(),
     "model": set(),
+    "distributed": set(),
     "config": {"similarity", "losses"},
     "data": {"config", "shapes"},
     "figures": {"data", "model", "similarity"},
     "evaluate": {"config", "data", "figures", "model", "shapes", "similarity"},
-    "train": {"config", "data", "evaluate", "losses", "model", "similarity"},
+    "train": {"config", "data", "distributed", "evaluate", "losses", "model", "similarity"},
     "search": {"data", "evaluate", "figures", "model", "similarity"},
 }
 
@@ -90,6 +91,12 @@ def test_no_project_import_hides_inside_a_function_or_the_main_block(module):
     hidden = [(name, line, where) for name, line, where in imports_of(module)
               if name in MODULES and where != "top"]
     assert not hidden, f"{module}.py: {hidden}"
+
+
+def test_distributed_imports_only_torch():
+    third_party = {name for name, _, _ in imports_of("distributed") if name not in sys.stdlib_module_names}
+    assert third_party == {"torch"}
+    assert not project_imports("distributed")
 
 
 @pytest.mark.parametrize("module", ["similarity", "losses"])

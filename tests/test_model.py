@@ -216,7 +216,8 @@ def test_gru_packed_with_the_collated_caption_order_matches_unsorted_packing():
 def one_training_step(batchnorm, finetune):
     """A tiny CNN model prepared as train.py prepares it in one process (synchronise_batchnorm
     included), after one SGD step: (model, backbone state before, after, its BatchNorm layers)."""
-    from train import DistributedContext, synchronise_batchnorm
+    from distributed import DistributedContext
+    from train import synchronise_batchnorm
     cfg = tiny_config("cnn", "gru")
     cfg["model"]["image"].update(batchnorm=batchnorm, finetune=finetune)
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import config
+import distributed
 import evaluate
 import train
 from model import load_checkpoint
@@ -316,7 +317,7 @@ def test_a_training_step_copies_nothing_to_the_device_but_the_batch(path):
     optimizer = train.build_optimizer(model, cfg["train"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    context = train.DistributedContext(0, 1, device)
+    context = distributed.DistributedContext(0, 1, device)
 
     def copies_of_one_step(step_batch):
         with HostToDeviceCopies() as recorder:
