@@ -19,7 +19,8 @@ ends and every `train.checkpoint_every` steps.
 Under torchrun's elastic agent a dead or hung worker makes the others leave within
 `run.dist_timeout_s` with one line; when the agent starts the workers again (`--max-restarts`, or a
 node joining or leaving under `--nnodes=MIN:MAX`) they continue the run folder's last.pt by
-themselves, with any number of processes (same global batch and sample order).
+themselves, with any number of processes (same global batch and sample order). Joining the job,
+the collectives, the lost-peer test and leaving the job are distributed.py's.
 """
 import json
 import math

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import distributed
 import train
 from model import load_checkpoint
-from test_distributed import REPO, RUN_LIMIT_S, kill_job, shapes_overrides, shapes_root, start_torchrun, torchrun, worker_pid  # noqa: F401
+from test_distributed import GLOO_THREADS_WARNING, REPO, RUN_LIMIT_S, kill_job, shapes_overrides, shapes_root, start_torchrun, torchrun, worker_pid  # noqa: F401
 from test_train import assert_same_weights, weights
 
 EXACT = ["run.deterministic=true"]          # dropout 0.1 on; 6 steps/epoch x 2 epochs = 12 steps
@@ -114,6 +114,7 @@ def test_a_survivor_of_a_hung_peer_leaves_within_the_timeout_with_one_line(tmp_p
     assert process.returncode != 0
     output = "".join(lines.lines)
     assert 'train.py", line' not in output, output[-6000:]
+    assert GLOO_THREADS_WARNING not in output, output[-6000:]
 
 
 def test_a_survivor_says_why_it_leaves_even_when_torchrun_sigterms_it_on_the_way_out(tmp_path, shapes_root):
@@ -322,9 +323,10 @@ def run_and_kill(args, launcher, run_dir, at_global_step, rank=1):
         wait_for_logged_step(process, run_dir / "log.jsonl", at_global_step)
         os.kill(worker_pid(process.pid, rank), signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=RUN_LIMIT_S)
-    except (AssertionError, subprocess.TimeoutExpired):
-        kill_job(process)
-        raise
+    except (AssertionError, subprocess.TimeoutExpired) as error:
+        stderr = kill_job(process)
+        raise AssertionError(f"{error}; the workers' stacks and stderr:\n{stderr[-12000:]}") from None
+    assert GLOO_THREADS_WARNING not in stderr, stderr[-12000:]
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
