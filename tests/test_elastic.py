@@ -258,7 +258,7 @@ def test_a_start_in_a_job_whose_store_saw_the_run_continues_it_whatever_resume_s
     run_dir.mkdir()
     (run_dir / "last.pt").write_bytes(b"")
     assert train.elastic_resume(None, str(run_dir), context) == (None, False)       # the job's first start
-    context.mark_run_started(str(run_dir))
+    context.store_mark(train.run_started_key(str(run_dir)))
     assert train.elastic_resume(None, str(run_dir), context) == ("auto", True)
     assert train.elastic_resume("elsewhere/best.pt", str(run_dir), context) == ("auto", True)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
