@@ -492,10 +492,16 @@ def test_a_signal_during_validation_stops_after_it_and_gives_the_handlers_back(t
 
 
 def test_ctrl_c_during_the_final_test_interrupts_it(tmp_path, monkeypatch, capsys):
-    write_precomputed(tmp_path / "precomp", num_images=16)
-    signal_during_evaluation(monkeypatch, at_call=2, signal_number=signal.SIGINT)   # 1 epoch: 2nd is the test
-    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    assert train.main(tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]) == 128 + signal.SIGINT
-    assert {number: signal.getsignal(number) for number in before} == before
-    assert not (tmp_path / "runs" / "run" / "test_metrics.json").exists()
-    assert "interrupted" in capsys.readouterr().err
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell that starts pytest in the
+    # background (`cmd &` without job control) hands it SIGINT ignored, and Python then keeps it so
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        write_precomputed(tmp_path / "precomp", num_images=16)
+        signal_during_evaluation(monkeypatch, at_call=2, signal_number=signal.SIGINT)   # 1 epoch: 2nd is the test
+        before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        assert train.main(tiny_overrides(tmp_path, dataset="precomputed") + ["train.epochs=1"]) == 128 + signal.SIGINT
+        assert {number: signal.getsignal(number) for number in before} == before
+        assert not (tmp_path / "runs" / "run" / "test_metrics.json").exists()
+        assert "interrupted" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, inherited)
