@@ -307,3 +307,10 @@ def test_the_reproducibility_pages_tables_are_the_scripts_output_on_the_committe
     assert result.returncode == 0, result.stderr[-2000:]
     with open(os.path.join(REPO, "docs", "reproducibility.md"), encoding="utf-8") as handle:
         assert result.stdout.strip() in handle.read()
+
+
+def test_exit_stress_counts_a_clean_two_process_stop_as_ok(tmp_path):
+    result = run_script(["benchmarks/exit_stress.py", "--runs", "1", "--paths", "stop", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "| stop | 1 | 1 | 0 | 0 | 0 | 0 | 0 |" in result.stdout, result.stdout[-2000:]
+    assert not list(tmp_path.iterdir())        # no stderr kept: nothing went wrong
