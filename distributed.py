@@ -5,7 +5,7 @@ train.py's loop calls what is here and nothing of torch.distributed itself. The 
 1. **Import.** `torch.distributed.nn` is imported with this file, before any group exists. Its
    functions take `group=group.WORLD` as a default argument, evaluated when the module is first
    imported; imported after `init_process_group` (torchvision imports it through torch._dynamo when
-   the image encoder is built), 28 such defaults hold the default group for the life of the
+   the image encoder is built), the defaults of its ten collectives hold the default group for the life of the
    interpreter. `destroy_process_group()` then cannot free it: gloo's worker threads
    (`pt_gloo_runloop`, `gloo_tcp_loop`) keep running into interpreter shutdown, where the group's
    destructor finally runs and joins them. A C++ thread that is still joinable, or one that takes
