@@ -1,6 +1,6 @@
 """Many torchrun runs of the suite's multi-process exit paths, counting how each one ended.
 
-    python benchmarks/exit_stress.py --runs 300 --jobs 2 --load 1     # what docs/training.md reports
+    python benchmarks/exit_stress.py --runs 300 --jobs 3              # what docs/training.md reports
     python benchmarks/exit_stress.py --runs 6 --paths stop            # a quick look
 
 The paths, taken in turn (tests/test_distributed.py and tests/test_elastic.py run each once):
@@ -23,6 +23,7 @@ import argparse
 import concurrent.futures
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 os.environ.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
 from data import prepare_data  # noqa: E402
-from test_distributed import ENV, GLOO_THREADS_WARNING, start_torchrun, worker_pids  # noqa: E402
+from test_distributed import ENV, GLOO_THREADS_WARNING, kill_job, start_torchrun  # noqa: E402
 from test_elastic import wait_for_logged_step, worker_pid  # noqa: E402
 from test_train import tiny_overrides  # noqa: E402
 import config  # noqa: E402
@@ -109,33 +110,12 @@ def attempt(args, launcher, limit, kill_at=None):
     try:
         if kill_at is not None:
             wait_for_logged_step(process, kill_at[0], kill_at[1], timeout=limit)
-            os.kill(worker_pid(process.pid, rank=1), 9)
+            os.kill(worker_pid(process.pid, rank=1), signal.SIGKILL)
         _, stderr = process.communicate(timeout=max(deadline - time.time(), 1))
         return {"code": process.returncode, "stderr": stderr, "hung": False}
     except (AssertionError, subprocess.TimeoutExpired) as error:
-        stderr = abort_and_collect(process)
+        stderr = kill_job(process)      # SIGABRT first: the workers' Python stacks
         return {"code": process.returncode, "stderr": f"{error}\n{stderr}", "hung": True}
-
-
-def abort_and_collect(process):
-    """SIGABRT to the workers (faulthandler prints their stacks), then SIGKILL; the stderr."""
-    workers = worker_pids(process.pid)
-    for pid in workers:
-        try:
-            os.kill(pid, 6)
-        except ProcessLookupError:
-            pass
-    time.sleep(2)
-    for pid in workers:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(process.pid, 9)
-    except ProcessLookupError:
-        pass
-    return process.communicate()[1] or ""
 
 
 def outcome(path, steps, stderr):

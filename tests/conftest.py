@@ -13,8 +13,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_LIMIT_S = float(os.environ.get("MAXMATCH_TEST_LIMIT_S", "900"))
 
 
-
-
 def pytest_configure(config):
     # pytest's own stderr, not the capture file of the test that hangs (lost when the process exits)
     capture = config.pluginmanager.getplugin("capturemanager")
