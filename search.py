@@ -4,7 +4,7 @@
     python search.py index --ckpt CKPT --images DIR --out GALLERY            # every image file under DIR
     python search.py index --ckpt CKPT --captions FILE.txt --out GALLERY     # one caption a line
     python search.py query --index GALLERY "a large red circle above a small blue square" --top 10 \\
-        [--json FILE] [--html FILE] [--faiss]
+        [--json FILE] [--html FILE] [--approximate [--candidates N] [--probe P]]
     python search.py query --index CAPTION_GALLERY --image PATH --top 10
 
 From Python (everything comes from the checkpoint: config, vocabulary or tokenizer, evaluation
@@ -23,20 +23,15 @@ matched exactly in decreasing order of their bound until the next bound lies bel
 k-th exact score by more than a rounding slack. The top k equals the exhaustive ranking, with exact
 scores (the checkpoint's similarity computed in float64 from the stored sets, rounded to float32);
 equal scores are ordered by gallery position. Other similarities than max_pair and greedy get a
-float32 score per item as their "bound". `--faiss` (optional, `pip install faiss-cpu`) takes
-the candidates from a FAISS index of the gallery's elements instead and matches only them exactly:
-faster on large galleries, not guaranteed to find the exact top k.
+float32 score per item as their "bound". `--approximate` takes the candidates from the gallery's
+set index (gallery.py: the centroid Chamfer sum of PLAID's first stage) instead and matches only
+them exactly: an order of magnitude less CPU at a million sets, exact scores, but not guaranteed
+to find the exact top k (docs/search.md has the measured recall).
 
-A gallery is a folder: gallery.json (kind, the checkpoint's fingerprint, K, D, dtype), sets.bin
-(raw float32 rows of shape (K, D): `np.memmap(path, np.float32, "r").reshape(-1, K, D)`),
-log.jsonl (one line per stored row: its key, row and file fingerprint; removals) and
-snapshot.json (keys and rows as of the last completed `index`, read by queries). Rows are appended
-and made durable before their log line, so an interrupted `index` keeps every finished batch; an
-item's position in the gallery is where it first entered (a fresh index: sorted paths, file lines).
-docs/search.md has the details and the benchmark.
+A gallery is a folder of sets and their keys that `index` updates incrementally; gallery.py holds
+its format and the set index. docs/search.md has the details and the benchmark.
 """
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import html
@@ -59,6 +54,8 @@ from data import DataError, ImageTransform, build_dataset, collate_captions, col
 from evaluate import (USER_ERRORS, ArgumentParser, FlagError, build_trained_model, check_out_request,
                       checkpoint_settings, separate_overrides)
 from figures import LIGHT, MARK, PAGE_STYLE, SMALL_TILE, display_picture, fit_tile
+from gallery import (INDEX_CANDIDATES, INDEX_PROBE, INDEX_TUNED_FOR, Gallery, SearchError, gallery_chunks,
+                     gallery_lock, gallery_shape, load_set_index, save_set_index, take_sets)
 from model import autocast, load_checkpoint, move_to
 from similarity import rounding_slack, score_matrix, upper_bound_sums
 
@@ -67,15 +64,7 @@ CHUNK_BYTES = 32 * 2**20                   # gallery sets read per step of the b
 FIRST_MATCHED = 32                         # top_k matches the best max(2k, this) bounds first
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 REGION_EXTENSIONS = (".npy",)              # region (BUTD) checkpoints index feature arrays
-GALLERY_FORMAT, GALLERY_VERSION = "maxmatch-gallery", 1
-FAISS_FLAT_BELOW = 200_000                 # fewer gallery elements: an exact FAISS flat index
-FAISS_NEIGHBOURS, FAISS_NPROBE = 256, 32   # --faiss defaults: neighbours per query element, IVF lists probed
-FAISS_HINT = "the FAISS path needs faiss: pip install faiss-cpu"
 OVERRIDE = re.compile(r"\w+(\.\w+)+=")        # config overrides are key.sub=value
-
-
-class SearchError(Exception):
-    """A search request the user has to fix (missing gallery, another checkpoint, empty query...)."""
 
 
 def load_trained(path, device=None, overrides=()):
@@ -300,269 +289,15 @@ def gallery_order(scores, positions):
     return by_position[scores[by_position].sort(descending=True, stable=True).indices]
 
 
-def faiss_top_k(query, gallery, index, k, method="max_pair", options=None, gallery_kind="images",
-                neighbours=FAISS_NEIGHBOURS):
-    """Approximate candidates, exact scores: the gallery items owning the `neighbours` nearest gallery
-    elements (by inner product, in `index`, see build_faiss_index) of each query element, searched
-    exactly by top_k (bounds, then exact matching). Returns a SearchResult (`matched` = candidates)."""
-    gallery_embeds = gallery_shape(gallery)[1]
-    _, element_ids = index.search(np.ascontiguousarray(query.detach().float().cpu().numpy()), int(neighbours))
-    element_ids = element_ids[element_ids >= 0]
-    candidates = torch.from_numpy(np.unique(element_ids // gallery_embeds)).long()   # (c,) positions, increasing
-    found = top_k(query.cpu(), take_sets(gallery, candidates, torch.device("cpu")), k, method, options, gallery_kind)
-    return SearchResult(candidates[found.positions], found.scores, int(candidates.numel()))
-
-
-def build_faiss_index(gallery, nprobe=FAISS_NPROBE, seed=0):
-    """A FAISS inner-product index of every gallery element (id = position * K + element): exact
-    (flat) below FAISS_FLAT_BELOW elements, else IVF with 8-bit scalar quantisation (a quarter of
-    the float32 memory) and about sqrt(elements) lists, trained (10 k-means rounds) on a seeded
-    sample of 40 elements per list."""
-    faiss = import_faiss()
-    count, embeds, dim = gallery_shape(gallery)
-    elements = count * embeds
-    if elements < FAISS_FLAT_BELOW:
-        index = faiss.IndexFlatIP(dim)
-    else:
-        lists = 2 ** round(math.log2(math.sqrt(elements)))
-        index = faiss.index_factory(dim, f"IVF{lists},SQ8", faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = 10
-        sample_items = min(count, max(1, 40 * lists // embeds))
-        sample = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:sample_items].sort().values
-        index.train(take_sets(gallery, sample, torch.device("cpu")).reshape(-1, dim).numpy())
-        index.nprobe = nprobe
-    for _, sets in gallery_chunks(gallery, max(1, CHUNK_BYTES // (4 * embeds * dim)), torch.device("cpu")):
-        index.add(np.ascontiguousarray(sets.reshape(-1, dim).numpy()))
-    return index
-
-
-def import_faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise SearchError(FAISS_HINT) from None
-    return faiss
-
-
-# ----------------------------------------------------------------------------- galleries on disk
-
-class Gallery:
-    """A gallery folder (see the module docstring). Gallery.open(path) reads it; `len`, `keys` (in
-    gallery order), `chunks` and `take` serve top_k; Gallery.create and `append` / `remove` write it."""
-
-    def __init__(self, path, header, for_index=False):
-        self.path, self.header = str(path), header
-        self.kind, self.dtype = header["kind"], np.dtype(header["dtype"])
-        self.num_embeds, self.embed_dim = header["num_embeds"], header["embed_dim"]
-        self.row_bytes = self.num_embeds * self.embed_dim * self.dtype.itemsize
-        self.items = {}            # key -> (row, fingerprint, source), in gallery order
-        self.num_rows, self.log_bytes = 0, 0    # rows of sets.bin in use (live or not); valid log length
-        if for_index or not self._read_snapshot():
-            self._replay_log()
-        self._sets, self._rows = None, None
-
-    @classmethod
-    def open(cls, path, for_index=False):
-        """The gallery at `path`; a query reads its snapshot when that is current, `index` the full log."""
-        header_path = os.path.join(str(path), "gallery.json")
-        if not os.path.isfile(header_path):
-            what = "is not a gallery (no gallery.json)" if os.path.isdir(str(path)) else "does not exist"
-            raise SearchError(f"gallery {str(path)!r} {what}: make one with `python search.py index --ckpt CKPT "
-                              f"--images DIR --out {path}`")
-        try:
-            with open(header_path, encoding="utf-8") as handle:
-                header = json.load(handle)
-            if header.get("format") != GALLERY_FORMAT or header.get("version") != GALLERY_VERSION:
-                raise ValueError(f"format {header.get('format')!r} version {header.get('version')!r}")
-            return cls(path, header, for_index)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise SearchError(f"gallery {str(path)!r} cannot be read ({error}); index it again into a new "
-                              "folder") from None
-
-    @classmethod
-    def create(cls, path, kind, trained, dtype="float32"):
-        """An empty gallery of `kind` (images or captions) for the sets of `trained`."""
-        os.makedirs(str(path), exist_ok=True)
-        header = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "kind": kind, "dtype": dtype,
-                  "num_embeds": trained.cfg["model"]["num_embeds"], "embed_dim": trained.cfg["model"]["embed_dim"],
-                  "checkpoint": {"path": trained.path, "fingerprint": trained.fingerprint, "epoch": trained.epoch},
-                  "similarity": {"method": trained.method, "options": trained.options}}
-        for name in ("sets.bin", "log.jsonl"):
-            open(os.path.join(str(path), name), "wb").close()
-        write_atomic(os.path.join(str(path), "gallery.json"), json.dumps(header, indent=2) + "\n")
-        return cls(path, header)
-
-    def __len__(self):
-        return len(self.items)
-
-    @property
-    def keys(self):
-        return list(self.items)
-
-    @property
-    def rows(self):
-        """(N,) int64: the row of sets.bin holding each item's set, in gallery order."""
-        if self._rows is None:
-            self._rows = np.fromiter((row for row, _, _ in self.items.values()), dtype=np.int64, count=len(self.items))
-        return self._rows
-
-    def sets_array(self):
-        """Every stored row as a read-only-by-use memory map (num_rows, K, D) (copy-on-write)."""
-        if self._sets is None or self._sets.shape[0] != self.num_rows:
-            self._sets = np.memmap(os.path.join(self.path, "sets.bin"), dtype=self.dtype, mode="c",
-                                   shape=(self.num_rows, self.num_embeds, self.embed_dim)) if self.num_rows else \
-                np.zeros((0, self.num_embeds, self.embed_dim), self.dtype)
-        return self._sets
-
-    def chunks(self, size):
-        """(start position, float32 tensor (n, K, D)) over the gallery; contiguous rows are read
-        from the memory map without a copy."""
-        sets, rows = self.sets_array(), self.rows
-        for start in range(0, len(rows), size):
-            part = rows[start:start + size]
-            if part[-1] - part[0] == len(part) - 1 and (len(part) < 2 or (np.diff(part) == 1).all()):
-                block = sets[part[0]:part[-1] + 1]
-            else:
-                block = sets[part]
-            yield start, torch.from_numpy(np.asarray(block)).float()
-
-    def take(self, positions):
-        """float32 tensor (n, K, D) of the items at gallery positions (n,)."""
-        return torch.from_numpy(np.asarray(self.sets_array()[self.rows[np.asarray(positions)]])).float()
-
-    def append(self, keys, fingerprints, sets, source):
-        """Store the sets (n, K, D) of `keys` durably: rows first (flushed and synced), then their log lines.
-        A key already present keeps its gallery position and gets the new row."""
-        data = np.ascontiguousarray(sets.detach().cpu().numpy().astype(self.dtype, copy=False))
-        assert data.shape[1:] == (self.num_embeds, self.embed_dim), data.shape
-        append_synced(os.path.join(self.path, "sets.bin"), data.tobytes())
-        records = []
-        for offset, (key, fingerprint) in enumerate(zip(keys, fingerprints)):
-            row = self.num_rows + offset
-            records.append({"key": key, "row": row, "fingerprint": fingerprint, "source": source})
-        self.log_bytes += append_synced(os.path.join(self.path, "log.jsonl"),
-                                        "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
-        for record in records:
-            self.items[record["key"]] = (record["row"], record["fingerprint"], record["source"])
-        self.num_rows += len(records)
-        self._rows = None
-
-    def remove(self, keys):
-        if keys:
-            self.log_bytes += append_synced(os.path.join(self.path, "log.jsonl"),
-                                            "".join(json.dumps({"remove": key}) + "\n" for key in keys).encode("utf-8"))
-            for key in keys:
-                self.items.pop(key, None)
-            self._rows = None
-
-    def repair(self):
-        """Before writing: cut what an interrupted run left after its last complete batch (rows not yet
-        logged, a half-written log line)."""
-        for name, size in (("sets.bin", self.num_rows * self.row_bytes), ("log.jsonl", self.log_bytes)):
-            with open(os.path.join(self.path, name), "r+b") as handle:
-                handle.truncate(size)
-
-    def write_snapshot(self):
-        """snapshot.json: the keys and rows in gallery order and the log length they describe, so that a
-        query loads a million items without parsing the log (fingerprints and sources stay in the log)."""
-        write_atomic(os.path.join(self.path, "snapshot.json"), json.dumps(
-            {"log_bytes": self.log_bytes, "num_rows": self.num_rows, "keys": self.keys,
-             "rows": self.rows.tolist()}) + "\n")
-
-    def _read_snapshot(self):
-        """Load snapshot.json if the log still has the length it describes (the log only grows, and a
-        repair cuts only what no snapshot saw); False otherwise."""
-        try:
-            with open(os.path.join(self.path, "snapshot.json"), "rb") as handle:
-                snapshot = json.load(handle)
-            current = snapshot["log_bytes"] == os.path.getsize(os.path.join(self.path, "log.jsonl")) and \
-                snapshot["num_rows"] * self.row_bytes <= os.path.getsize(os.path.join(self.path, "sets.bin"))
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        if current:
-            self.items = dict(zip(snapshot["keys"], ((row, None, None) for row in snapshot["rows"])))
-            self.log_bytes, self.num_rows = snapshot["log_bytes"], snapshot["num_rows"]
-        return current
-
-    def _replay_log(self):
-        """Read log.jsonl up to its last complete line whose rows are all stored: in one parse when the
-        log is intact (a million lines in seconds), else line by line (after an interruption)."""
-        stored_rows = os.path.getsize(os.path.join(self.path, "sets.bin")) // self.row_bytes
-        with open(os.path.join(self.path, "log.jsonl"), "rb") as handle:
-            content = handle.read()
-        end = content.rfind(b"\n") + 1
-        try:       # json.dumps never writes a raw newline inside a record
-            records = json.loads(b"[" + content[:max(end - 1, 0)].replace(b"\n", b",") + b"]")
-            self.items, largest_row = replay(records, stored_rows)
-        except (ValueError, KeyError, TypeError, IndexError):
-            records, end = [], 0
-            while content.find(b"\n", end) >= 0:
-                line_end = content.find(b"\n", end)
-                try:
-                    record = json.loads(content[end:line_end])
-                    replay([record], stored_rows)
-                except (ValueError, KeyError, TypeError, IndexError):
-                    break
-                records.append(record)
-                end = line_end + 1
-            self.items, largest_row = replay(records, stored_rows)
-        self.log_bytes, self.num_rows = end, largest_row + 1
-
-
-def replay(records, stored_rows):
-    """(items {key: (row, fingerprint, source)} in gallery order, the largest row) of log records;
-    IndexError if one names a row that sets.bin does not hold."""
-    items, largest_row = {}, -1
-    for record in records:
-        if "remove" in record:
-            items.pop(record["remove"], None)
-            continue
-        row = int(record["row"])
-        if row >= stored_rows:
-            raise IndexError(row)
-        items[record["key"]] = (row, record["fingerprint"], record["source"])
-        largest_row = max(largest_row, row)
-    return items, largest_row
-
-
-def append_synced(path, payload):
-    """Append bytes to a file and make them durable; returns their length."""
-    with open(path, "ab") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return len(payload)
-
-
-def write_atomic(path, text):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def gallery_chunks(gallery, size, device):
-    """(start, float32 sets) over a tensor or a Gallery, on `device`."""
-    if isinstance(gallery, Gallery):
-        for start, sets in gallery.chunks(size):
-            yield start, sets.to(device)
-    else:
-        for start in range(0, gallery.shape[0], size):
-            yield start, gallery[start:start + size].to(device).float()
-
-
-def take_sets(gallery, positions, device):
-    if isinstance(gallery, Gallery):
-        return gallery.take(positions.cpu().numpy()).to(device)
-    return gallery[positions.to(gallery.device)].to(device).float()
-
-
-def gallery_shape(gallery):
-    if isinstance(gallery, Gallery):
-        return len(gallery), gallery.num_embeds, gallery.embed_dim
-    return tuple(gallery.shape)
+def approximate_top_k(query, gallery, index, k, method="max_pair", options=None, gallery_kind="images",
+                      candidates=INDEX_CANDIDATES, probe=INDEX_PROBE):
+    """Approximate top k, exact scores: the `candidates` items that gallery.SetIndex ranks best for
+    the query (`probe` centroids per query element) are searched exactly by top_k, so every score
+    is the exact similarity and ties keep gallery order; an item the index does not rank among
+    the candidates is missed. Returns a SearchResult (`matched` = the candidates)."""
+    positions = index.candidates(query, candidates, probe)                  # (c,) increasing
+    found = top_k(query.cpu(), take_sets(gallery, positions, torch.device("cpu")), k, method, options, gallery_kind)
+    return SearchResult(positions[found.positions], found.scores, int(positions.numel()))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -604,7 +339,7 @@ def command_parser():
     source.add_argument("--captions", metavar="FILE", help="a UTF-8 text file, one caption a line")
     source.add_argument("--split", help="the images of a split of the checkpoint's dataset (e.g. test)")
     index.add_argument("--out", required=True, metavar="GALLERY", help="gallery folder (created or updated)")
-    index.add_argument("--faiss", action="store_true", help="also build the FAISS index for query --faiss")
+    index.add_argument("--approximate", action="store_true", help="also build the set index for query --approximate")
     query = commands.add_parser("query", allow_abbrev=False, help="the best gallery items for a caption or an image")
     query.add_argument("--index", required=True, metavar="GALLERY", help="a gallery folder made by `index`")
     query.add_argument("text", nargs="?", default=None, help="a caption (against an image gallery)")
@@ -613,10 +348,12 @@ def command_parser():
     query.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     query.add_argument("--html", default=None, metavar="FILE", help="also write a page with thumbnails")
     query.add_argument("--ckpt", default=None, help="the checkpoint (default: the one the gallery was indexed with)")
-    query.add_argument("--faiss", action="store_true", help="candidates from a FAISS index (approximate), "
-                       "then exact matching; needs faiss-cpu")
-    query.add_argument("--faiss-neighbours", type=int, default=FAISS_NEIGHBOURS, metavar="N",
-                       help=f"nearest gallery elements per query element (default {FAISS_NEIGHBOURS})")
+    query.add_argument("--approximate", action="store_true", help="candidates from the gallery's set index, then "
+                       f"exact matching: faster on large galleries, not exact ({INDEX_TUNED_FOR})")
+    query.add_argument("--candidates", type=int, default=INDEX_CANDIDATES, metavar="N",
+                       help=f"with --approximate: items searched exactly (default {INDEX_CANDIDATES})")
+    query.add_argument("--probe", type=int, default=INDEX_PROBE, metavar="P",
+                       help=f"with --approximate: nearest centroids per query element (default {INDEX_PROBE})")
     parser.subcommands = {"index": index, "query": query}
     return parser
 
@@ -646,8 +383,8 @@ def index_command(args, overrides):
                 if (item_source == source and key not in listed) or key in unreadable]
         gallery.remove(gone)
         gallery.write_snapshot()
-        if args.faiss and len(gallery):
-            save_faiss_index(gallery)
+        if args.approximate and len(gallery):
+            save_set_index(gallery)
     encoded = len(wanted) - len(skipped)
     changed = len(existed - unreadable)
     unit = "images" if kind == "images" else "captions"
@@ -761,7 +498,7 @@ class LoadedImages(Dataset):
 
 
 def query_command(args, overrides):
-    """`query`: encode the caption (or --image), find the exact top k (or FAISS candidates), print them."""
+    """`query`: encode the caption (or --image), find the exact top k (or the set index's approximate one), print them."""
     if args.top < 1:
         raise SearchError(f"--top must be 1 or more, got {args.top}")
     for flag, path, kind in (("--json", args.json, "JSON"), ("--html", args.html, "HTML")):
@@ -779,8 +516,9 @@ def query_command(args, overrides):
                           + ("a caption" if gallery.kind == "images" else "--image PATH"))
     if args.image is not None and not os.path.isfile(args.image):
         raise SearchError(f"--image {args.image!r} does not exist")
-    if args.faiss:
-        import_faiss()
+    for flag, value in (("--candidates", args.candidates), ("--probe", args.probe)):
+        if value < 1:
+            raise SearchError(f"{flag} must be 1 or more, got {value}")
     checkpoint = args.ckpt or gallery.header["checkpoint"]["path"]
     if args.ckpt is None and not os.path.isfile(checkpoint):
         raise SearchError(f"the checkpoint {checkpoint!r} that gallery {args.index!r} was indexed with is gone: "
@@ -792,10 +530,11 @@ def query_command(args, overrides):
     else:
         query_input = trained.image_loader(args.image)
         query = trained.encode_loaded([[query_input]])[0]
-    if args.faiss:
-        found = faiss_top_k(query, gallery, load_faiss_index(gallery), args.top, trained.method, trained.options,
-                            gallery.kind, args.faiss_neighbours)
-        how = f"FAISS candidates ({found.matched} items), exact scores"
+    if args.approximate and len(gallery):
+        found = approximate_top_k(query, gallery, load_set_index(gallery), args.top, trained.method, trained.options,
+                                  gallery.kind, args.candidates, args.probe)
+        how = (f"approximate: exact scores of {found.matched} candidates from the set index, {args.probe} centroids "
+               f"per query element; the default --candidates {INDEX_CANDIDATES} --probe {INDEX_PROBE} is {INDEX_TUNED_FOR}")
     else:
         found = top_k(query, gallery, args.top, trained.method, trained.options, gallery.kind)
         how = f"exact, {found.matched} of {len(gallery)} items matched"
@@ -882,53 +621,6 @@ def thumbnail_tag(model_input, alt, frame=None):
 def split_row_key(key):
     path, _, row = key.rpartition("[")
     return path, int(row[:-1])
-
-
-def save_faiss_index(gallery):
-    """Build the gallery's FAISS index and save it with the log length it describes."""
-    faiss = import_faiss()
-    index = build_faiss_index(gallery)
-    faiss.write_index(index, os.path.join(gallery.path, "faiss.index"))
-    write_atomic(os.path.join(gallery.path, "faiss.json"), json.dumps(faiss_state(gallery)) + "\n")
-    return index
-
-
-def faiss_state(gallery):
-    """What a saved FAISS index must match: the log is append-only, so its length names the content."""
-    return {"log_bytes": gallery.log_bytes, "rows": gallery.num_rows, "items": len(gallery),
-            "fingerprint": gallery.header["checkpoint"]["fingerprint"]}
-
-
-def load_faiss_index(gallery):
-    """The saved FAISS index when it describes the gallery as it is now; otherwise built (and saved)."""
-    faiss = import_faiss()
-    try:
-        with open(os.path.join(gallery.path, "faiss.json"), encoding="utf-8") as handle:
-            if json.load(handle) == faiss_state(gallery):
-                return faiss.read_index(os.path.join(gallery.path, "faiss.index"))
-    except (OSError, ValueError, KeyError, RuntimeError):
-        pass
-    print(f"building the FAISS index of {gallery.path} (once; saved there)", file=sys.stderr)
-    return save_faiss_index(gallery)
-
-
-@contextlib.contextmanager
-def gallery_lock(path):
-    """An exclusive lock on the gallery folder while `index` writes it: a second writer fails at once.
-    Unlocked where the OS has no fcntl or the file system refuses flock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(os.path.join(str(path), ".lock"), "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SearchError(f"gallery {str(path)!r} is being indexed by another process") from None
-        except OSError:
-            pass
-        yield
 
 
 # ----------------------------------------------------------------------------- helpers

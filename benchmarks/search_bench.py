@@ -12,13 +12,23 @@ one thread by default, so it is what the query costs without waiting for a core)
     (a)     every item matched exactly: similarity.score_matrix over the gallery, then the top 10
     (b)     search.top_k: the row-maxima bounds, then exact matching only where a bound reaches
             the running 10th exact score (the same top 10 as (a); checked on every query)
-    (c)     search.faiss_top_k: candidates from a FAISS index of the gallery's elements (IVF with
-            8-bit scalar quantisation from 200,000 elements on; --faiss-neighbours per query
-            element), exact matching of the candidates; recall@10 against (b)
+    (c)     the previous `query --faiss` (element_neighbour_top_k, kept here to compare): the items
+            owning the --faiss-neighbours nearest gallery elements of each query element in a FAISS
+            index of every element (IVF with 8-bit scalar quantisation from 200,000 elements on),
+            matched exactly; needs faiss-cpu, skipped with the install line without it
+    (d)     search.approximate_top_k, `query --approximate`: the --index-candidates best items by
+            gallery.SetIndex's centroid Chamfer sum among those reached through --index-probes
+            centroids per query element, matched exactly
+    (e)     fixed-dimensional encodings (MUVERA; --fde): the --fde-candidates items of largest FDE
+            inner product, by a flat scan (the best recall an index of the encodings could give),
+            matched exactly
 
+Recall@10 is against (b), the exact top 10; "(b) / this" is how many times less CPU than (b).
 "peak MB" is the largest resident-memory growth while one query runs (sampled every 2 ms, after
-freed memory is returned to the OS); the gallery itself (N x 4 KB) and the FAISS index are listed
-on their own rows. "x bare" and "growth" (against the previous, 10x smaller gallery) are CPU times. Then:
+freed memory is returned to the OS); the gallery itself (N x 4 KB) and the indexes are listed
+on their own rows. With --model-gallery CKPT the same cases run on real model sets: the
+checkpoint's image sets of --model-images generated shapes images, queried with caption sets of
+random images of them. "x bare" and "growth" (against the previous, 10x smaller gallery) are CPU times. Then:
 `python search.py index --split test` on the built-in dataset (1,000 test images), images/s; and
 with --float16-check CKPT, whether storing the sets in float16 would change any rank on that
 checkpoint's test split (metrics, and every query's top 10 both ways, against float32).
@@ -26,7 +36,8 @@ With --open, instead of the queries: the time to open a gallery folder of each s
 does (its snapshot.json) and as `index` does (its whole log.jsonl); item keys like
 /data/photos/folder_0000/image_0000000.jpg, sets of K = D = 1 (opening does not read the sets).
 
-    python benchmarks/search_bench.py                            # 10k, 100k, 1M (about 15 minutes here)
+    python benchmarks/search_bench.py                            # 10k, 100k, 1M (about 40 minutes here)
+    python benchmarks/search_bench.py --sizes 100000 1000000 --skip-index --model-gallery runs/shapes_maxmatch/best.pt
     python benchmarks/search_bench.py --sizes 10000 100000 --queries 10
     python benchmarks/search_bench.py --ckpt runs/shapes_maxmatch/best.pt   # index with that checkpoint
     python benchmarks/search_bench.py --sizes --skip-index --float16-check runs/shapes_maxmatch/best.pt
@@ -35,6 +46,8 @@ does (its snapshot.json) and as `index` does (its whole log.jsonl); item keys li
 import argparse
 import contextlib
 import ctypes
+import json
+import math
 import os
 import shutil
 import statistics
@@ -43,15 +56,19 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search  # noqa: E402
+from gallery import build_set_index  # noqa: E402
 from similarity import score_matrix  # noqa: E402
 from similarity_bench import embed_concepts, trained_like_concepts  # noqa: E402
 
 TOP = 10
+FAISS_FLAT_BELOW = 200_000       # the previous --faiss: fewer gallery elements get an exact flat FAISS index
+FAISS_HINT = "the FAISS rows need faiss: pip install faiss-cpu"
 
 
 def main():
@@ -62,8 +79,20 @@ def main():
     parser.add_argument("--dim", type=int, default=256, help="D")
     parser.add_argument("--threads", type=int, default=1, help="torch (and FAISS) CPU threads (default 1: one "
                         "query's latency, stable on a shared machine)")
-    parser.add_argument("--faiss-neighbours", type=int, nargs="*", default=[search.FAISS_NEIGHBOURS, 2048],
-                        help="FAISS rows: nearest gallery elements per query element (none: skip FAISS)")
+    parser.add_argument("--index-candidates", type=int, nargs="*", default=[250, 500, 1000, 2000, 3000, 5000],
+                        help="(d) rows: set index candidates searched exactly (none: skip the set index)")
+    parser.add_argument("--index-probes", type=int, nargs="+", default=[8, 16],
+                        help="(d) rows: centroids probed per query element")
+    parser.add_argument("--faiss-neighbours", type=int, nargs="*", default=[256, 2048],
+                        help="(c) rows, the previous --faiss: nearest gallery elements per query element (none: skip)")
+    parser.add_argument("--fde", type=fde_setting, default=(8, 2, 32), metavar="R,BITS,D",
+                        help="(e) rows: FDE repetitions, SimHash bits and count-sketch dimension (D 0: identity; "
+                        "default 8,2,32: 1,024 dimensions, the size of the gallery's own rows)")
+    parser.add_argument("--fde-candidates", type=int, nargs="*", default=[1000, 3000, 10000, 30000],
+                        help="(e) rows: FDE candidates searched exactly (none: skip FDE)")
+    parser.add_argument("--model-gallery", metavar="CKPT", default=None,
+                        help="also: a gallery of this checkpoint's sets of --model-images generated shapes images")
+    parser.add_argument("--model-images", type=int, default=20_000, help="images of the --model-gallery split")
     parser.add_argument("--ckpt", default=None, help="checkpoint for the index row (default: a random-init "
                         "model of config.yaml; the encoding cost is the same)")
     parser.add_argument("--skip-index", action="store_true", help="no index throughput row")
@@ -79,7 +108,7 @@ def main():
             import faiss
             faiss.omp_set_num_threads(args.threads)
         except ImportError:
-            print(f"# FAISS rows skipped: {search.FAISS_HINT}")
+            print(f"# (c) rows skipped: {FAISS_HINT}")
     print(f"# search benchmark: torch {torch.__version__}, cpu, {torch.get_num_threads()} threads, K = {args.embeds}, "
           f"D = {args.dim}, top {TOP}, {args.queries} queries per size, load average before "
           f"{os.getloadavg()[0]:.2f}", flush=True)
@@ -88,6 +117,8 @@ def main():
     previous = {}
     for size in args.sizes:
         previous = bench_open(size) if args.open else bench_size(size, args, faiss, previous)
+    if args.model_gallery:
+        bench_model_gallery(args, faiss)
     if not args.skip_index:
         bench_index(args)
     if args.float16_check:
@@ -99,25 +130,53 @@ def main():
 def bench_size(size, args, faiss, previous):
     progress(f"{size}: generating the gallery")
     gallery, queries = trained_like_gallery(size, args.embeds, args.dim, args.queries + 1, seed=size)
+    medians = bench_gallery(f"{size:,}", gallery, queries, args, faiss, previous)
+    del gallery
+    return medians
+
+
+def bench_gallery(label, gallery, queries, args, faiss, previous):
+    """Every case on one gallery (N, K, D), the queries interleaved; prints the rows, returns the CPU medians."""
+    size, embeds, dim = gallery.shape
     cases = {"bare": lambda q: bare_product(q, gallery),
              "(a)": lambda q: exhaustive_top_k(q, gallery),
              "(b)": lambda q: search.top_k(q, gallery, TOP)}
-    faiss_rows = []
-    if faiss is not None:
-        progress(f"{size}: building the FAISS index")
+    builds = []                                        # (case name, seconds, MB)
+    if args.index_candidates:
+        progress(f"{label}: building the set index")
         started = time.perf_counter()
-        index = search.build_faiss_index(gallery)
-        build_seconds = time.perf_counter() - started
-        index_mb = len(faiss.serialize_index(index)) / 2**20
+        index = build_set_index(gallery)
+        builds.append((f"set index ({index.centroids.shape[0]:,} centroids)", time.perf_counter() - started,
+                       sum(t.numel() * t.element_size() for t in (index.centroids, index.codes, index.owners,
+                                                                  index.offsets)) / 2**20))
+        for probe in args.index_probes:
+            for budget in args.index_candidates:
+                cases[f"(d) {probe} {budget}"] = lambda q, p=probe, n=budget: search.approximate_top_k(
+                    q, gallery, index, TOP, candidates=n, probe=p)
+    if faiss is not None and args.faiss_neighbours:
+        progress(f"{label}: building the FAISS element index")
+        started = time.perf_counter()
+        element_index = build_element_index(gallery, faiss)
+        builds.append((f"FAISS element index ({'flat' if size * embeds < FAISS_FLAT_BELOW else 'IVF, SQ8'})",
+                       time.perf_counter() - started, len(faiss.serialize_index(element_index)) / 2**20))
         for neighbours in args.faiss_neighbours:
-            name = f"(c) {neighbours}"
-            cases[name] = lambda q, n=neighbours: search.faiss_top_k(q, gallery, index, TOP, neighbours=n)
-            faiss_rows.append(name)
+            cases[f"(c) {neighbours}"] = lambda q, n=neighbours: element_neighbour_top_k(q, gallery, element_index, n)
+    if args.fde and args.fde_candidates:
+        repetitions, bits, projection_dim = args.fde
+        progress(f"{label}: encoding the gallery's FDEs")
+        planes, projection = fde_parameters(dim, repetitions, bits, projection_dim, seed=0)
+        started = time.perf_counter()
+        encodings = torch.cat([fixed_dimensional_encodings(gallery[start:start + 8192], planes, projection, "item")
+                               for start in range(0, size, 8192)])                      # (N, R * 2^bits * d)
+        builds.append((f"FDE encodings ({encodings.shape[1]:,} dims, flat)", time.perf_counter() - started,
+                       encodings.numel() * 4 / 2**20))
+        for budget in args.fde_candidates:
+            cases[f"(e) {budget}"] = lambda q, n=budget: fde_top_k(q, gallery, encodings, planes, projection, n)
     seconds = {name: [] for name in cases}             # wall
     cpu_seconds = {name: [] for name in cases}         # this thread's CPU time: the query's cost without
     answers = {name: [] for name in cases}             # the waits for a core that other processes cause
     for number, query in enumerate(queries):
-        progress(f"{size}: query {number + 1}/{len(queries)}")
+        progress(f"{label}: query {number + 1}/{len(queries)}")
         for name, run in cases.items():                 # interleaved: background load hits every case alike
             started, started_cpu = time.perf_counter(), time.thread_time()
             answer = run(query)
@@ -129,30 +188,39 @@ def bench_size(size, args, faiss, previous):
     exact = [answer.positions.tolist() for answer in answers["(b)"]]
     same = sum(a == b.positions.tolist() for a, b in zip(exact, answers["(a)"]))
     matched = statistics.median(answer.matched for answer in answers["(b)"])
-    label = f"{size:,}"
-    print_row([label, "gallery in memory (float32)", "", "", "", f"{gallery.numel() * 4 / 2**20:.0f}", "", "", ""])
+    print_row([label, "gallery in memory (float32)", "", "", "", "", f"{gallery.numel() * 4 / 2**20:.0f}", "", "", ""])
+    for name, build_seconds, megabytes in builds:
+        print_row([label, name, f"build {build_seconds:.0f} s", "", "", "", f"{megabytes:.0f}", "", "", ""])
     medians = {name: statistics.median(values) for name, values in cpu_seconds.items()}
     walls = {name: statistics.median(values) for name, values in seconds.items()}
-    bare = medians["bare"]
     notes = {"bare": "cosine product only", "(a)": f"{size:,} matched",
              "(b)": f"{matched:,.0f} matched (median); top 10 = (a) in {same}/{len(exact)}"}
     recalls = {}
-    for name in faiss_rows:
-        found = [answer.positions.tolist() for answer in answers[name]]
-        recalls[name] = statistics.mean(len(set(f) & set(e)) / TOP for f, e in zip(found, exact))
-        candidates = statistics.median(answer.matched for answer in answers[name])
-        notes[name] = f"{candidates:,.0f} candidates (median)"
-    if faiss_rows:
-        print_row([label, f"FAISS index ({'flat' if size * args.embeds < search.FAISS_FLAT_BELOW else 'IVF, SQ8'})",
-                   f"build {build_seconds:.0f} s", "", "", f"{index_mb:.0f}", "", "", ""])
+    for name in cases:
+        if name[:3] in ("(c)", "(d)", "(e)"):
+            found = [answer.positions.tolist() for answer in answers[name]]
+            hits = [len(set(f) & set(e)) / TOP for f, e in zip(found, exact)]
+            recalls[name] = statistics.mean(hits)
+            notes[name] = (f"{statistics.median(answer.matched for answer in answers[name]):,.0f} candidates "
+                           f"(median); worst query {100 * min(hits):.0f}%")
     for name in cases:
         growth = f"{medians[name] / previous[name]:.1f}x" if name in previous else ""
         recall = f"{100 * recalls[name]:.1f}%" if name in recalls else ""
-        print_row([label, CASE_NAMES.get(name, f"(c) FAISS + exact, {name[4:]} neighbours"),
-                   f"{1e3 * walls[name]:.1f}", f"{1e3 * medians[name]:.1f}", f"{medians[name] / bare:.2f}x",
+        print_row([label, case_name(name), f"{1e3 * walls[name]:.1f}", f"{1e3 * medians[name]:.1f}",
+                   f"{medians[name] / medians['bare']:.2f}x", f"{medians['(b)'] / medians[name]:.1f}x",
                    f"{peaks[name]:.0f}", recall, growth, notes[name]])
-    del gallery
     return medians
+
+
+def case_name(name):
+    if name[:3] == "(c)":
+        return f"(c) FAISS element neighbours, {name[4:]}"
+    if name[:3] == "(d)":
+        probe, budget = name[4:].split()
+        return f"(d) set index, probe {probe}, {int(budget):,} cand."
+    if name[:3] == "(e)":
+        return f"(e) FDE (flat), {int(name[4:]):,} cand."
+    return CASE_NAMES[name]
 
 
 CASE_NAMES = {"bare": "bare cosine product", "(a)": "(a) every item matched exactly", "(b)": "(b) bound-pruned exact"}
@@ -168,6 +236,36 @@ def trained_like_gallery(count, embeds, dim, num_queries, seed, chunk=65536):
         gallery[start:start + chunk] = embed_concepts(bank, image_concepts[start:start + chunk], 1.5, g)
     sources = torch.randint(count, (num_queries,), generator=g)
     return gallery, embed_concepts(bank, caption_concepts[sources], 1.5, g)
+
+
+def bench_model_gallery(args, faiss):
+    """Every case on real model sets: the checkpoint's image sets of a generated shapes split of
+    --model-images images (seed 7, not its training data), queried with the caption sets of random
+    images of it (the first caption of each)."""
+    from shapes import generate_shapes
+    folder = tempfile.mkdtemp(prefix="search_bench_model_")
+    try:
+        progress(f"model gallery: generating {args.model_images:,} shapes images")
+        json_path = generate_shapes(folder, seed=7, num_train=0, num_val=0, num_test=args.model_images)
+        records = json.load(open(json_path, encoding="utf-8"))["images"]
+        trained = search.load_trained(args.model_gallery, device="cpu")
+        progress(f"model gallery: encoding {len(records):,} images")
+        started = time.perf_counter()
+        gallery = trained.encode_images([os.path.join(folder, "images", r["filename"]) for r in records])
+        encode_seconds = time.perf_counter() - started
+        sources = torch.randint(len(records), (args.queries + 1,), generator=torch.Generator().manual_seed(7))
+        queries = trained.encode_captions([records[i]["sentences"][0]["raw"] for i in sources.tolist()])
+        label = f"model sets {len(records) // 1000}k"
+        print_row([label, f"encoded {len(records):,} images (K = {gallery.shape[1]}, D = {gallery.shape[2]})",
+                   f"{encode_seconds:.0f} s", "", "", "", "", "", "", f"{trained.method}, {args.model_gallery}"])
+        bench_gallery(label, gallery, queries, args, faiss, {})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fde_setting(text):
+    repetitions, bits, dim = (int(part) for part in text.split(","))
+    return repetitions, bits, dim or None
 
 
 def bench_open(size):
@@ -193,7 +291,7 @@ def bench_open(size):
             opened = search.Gallery.open(folder, for_index=for_index)
             wall, cpu = time.perf_counter() - started, time.thread_time() - started_cpu
             assert opened.keys == gallery.keys
-            print_row([label, case, f"{1e3 * wall:.0f}", f"{1e3 * cpu:.0f}", "", "", "", "",
+            print_row([label, case, f"{1e3 * wall:.0f}", f"{1e3 * cpu:.0f}", "", "", "", "", "",
                        f"log {os.path.getsize(os.path.join(folder, 'log.jsonl')) / 2**20:.0f} MB"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -214,6 +312,87 @@ def exhaustive_top_k(query, gallery):
     scores = score_matrix(gallery, query[None], "max_pair", chunk_size=size)[:, 0]
     order = scores.sort(descending=True, stable=True).indices[:TOP]
     return search.SearchResult(order, scores[order], gallery.shape[0])
+
+
+def element_neighbour_top_k(query, gallery, index, neighbours):
+    """The previous `search.py query --faiss` (replaced by --approximate, kept here to compare): the
+    items owning the `neighbours` nearest gallery elements of each query element (by inner product,
+    in a FAISS index of every element), searched exactly by top_k."""
+    embeds = gallery.shape[1]
+    _, element_ids = index.search(np.ascontiguousarray(query.float().numpy()), int(neighbours))
+    candidates = torch.from_numpy(np.unique(element_ids[element_ids >= 0] // embeds)).long()   # increasing
+    found = search.top_k(query, gallery[candidates], TOP)
+    return search.SearchResult(candidates[found.positions], found.scores, int(candidates.numel()))
+
+
+def build_element_index(gallery, faiss, nprobe=32, seed=0):
+    """A FAISS inner-product index of every gallery element (id = position * K + element), as the
+    previous --faiss built it: exact (flat) below FAISS_FLAT_BELOW elements, else IVF with 8-bit
+    scalar quantisation, about sqrt(elements) lists, 10 k-means rounds on 40 elements per list."""
+    count, embeds, dim = gallery.shape
+    if count * embeds < FAISS_FLAT_BELOW:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        lists = 2 ** round(math.log2(math.sqrt(count * embeds)))
+        index = faiss.index_factory(dim, f"IVF{lists},SQ8", faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10
+        sample = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:max(1, 40 * lists // embeds)]
+        index.train(gallery[sample.sort().values].reshape(-1, dim).numpy())
+        index.nprobe = nprobe
+    for start in range(0, count, 65536):
+        index.add(np.ascontiguousarray(gallery[start:start + 65536].reshape(-1, dim).numpy()))
+    return index
+
+
+def fde_parameters(dim, repetitions, bits, projection_dim, seed):
+    """The random draws of fixed-dimensional encodings (MUVERA, Dhulipala et al. 2024): SimHash
+    hyperplanes (R, D, bits) and a count-sketch projection (R, D, d), one +-1 per input coordinate
+    (unbiased for inner products), or None for the identity (d = D)."""
+    g = torch.Generator().manual_seed(seed)
+    planes = torch.randn(repetitions, dim, bits, generator=g)
+    if projection_dim is None:
+        return planes, None
+    projection = torch.zeros(repetitions, dim, projection_dim)
+    columns = torch.randint(projection_dim, (repetitions, dim, 1), generator=g)
+    signs = torch.randint(2, (repetitions, dim, 1), generator=g).float() * 2 - 1
+    return planes, projection.scatter_(2, columns, signs)
+
+
+def fixed_dimensional_encodings(sets, planes, projection, side):
+    """(N, K, D) sets -> (N, R * 2^bits * d) encodings whose inner product approximates the Chamfer
+    sum sum_i max_j <q_i, p_j>. Per repetition the SimHash signs split space into 2^bits partitions;
+    a query ("query") puts the sum of its projected elements in each partition, an item ("item")
+    the mean of its elements there, and an empty partition gets the item element whose sign pattern
+    is nearest in Hamming distance (MUVERA's fill_empty_partitions)."""
+    count, embeds, dim = sets.shape
+    repetitions, _, bits = planes.shape
+    partitions = 2 ** bits
+    signs = torch.einsum("nkd,rdb->nrkb", sets, planes) > 0                           # (N, R, K, bits)
+    partition = (signs.long() << torch.arange(bits)).sum(-1)                          # (N, R, K)
+    if projection is None:
+        points = sets.unsqueeze(1).expand(count, repetitions, embeds, dim)
+    else:
+        points = torch.einsum("nkd,rdp->nrkp", sets, projection)                      # (N, R, K, d)
+    members = torch.nn.functional.one_hot(partition, partitions).float()              # (N, R, K, P)
+    encoding = torch.einsum("nrkp,nrkd->nrpd", members, points)                       # sums (N, R, P, d)
+    if side == "item":
+        sizes = members.sum(2)                                                        # (N, R, P)
+        encoding = encoding / sizes.clamp(min=1).unsqueeze(-1)
+        differing = partition.unsqueeze(-1) ^ torch.arange(partitions)                # (N, R, K, P)
+        hamming = sum((differing >> bit) & 1 for bit in range(bits)) if bits else torch.zeros_like(differing)
+        nearest = hamming.argmin(2)                                                   # (N, R, P)
+        fill = points.gather(2, nearest.unsqueeze(-1).expand(*nearest.shape, points.shape[-1]))
+        encoding = torch.where((sizes == 0).unsqueeze(-1), fill, encoding)
+    return encoding.reshape(count, -1)
+
+
+def fde_top_k(query, gallery, encodings, planes, projection, candidates):
+    """The `candidates` items of largest FDE inner product (a flat scan: the best recall any index of
+    the encodings could give), searched exactly by top_k."""
+    approx = encodings @ fixed_dimensional_encodings(query[None], planes, projection, "query")[0]    # (N,)
+    chosen = approx.topk(min(candidates, len(approx))).indices.sort().values
+    found = search.top_k(query, gallery[chosen], TOP)
+    return search.SearchResult(chosen[found.positions], found.scores, int(chosen.numel()))
 
 
 def peak_memory_mb(run):
@@ -269,7 +448,7 @@ def bench_index(args):
         images = len(search.Gallery.open(os.path.join(folder, "g")))
         source = "--ckpt" if args.ckpt else "random init"
         print_row(["built-in test split", f"`search.py index --split test` ({source})", f"{seconds:.1f} s", "",
-                   "", "", "", "", f"{images / seconds:.0f} images/s (loading the model included)"])
+                   "", "", "", "", "", f"{images / seconds:.0f} images/s (loading the model included)"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -297,7 +476,7 @@ def float16_check(path):
                             if before[key] != after[key]) or "none"
         text = int((top_ten(reference, 0) != top_ten(rounded, 0)).any(1).sum())
         image = int((top_ten(reference, 1) != top_ten(rounded, 1)).any(1).sum())
-        print_row([split, f"float16 check: {label}", "", "", "", "", "", "",
+        print_row([split, f"float16 check: {label}", "", "", "", "", "", "", "",
                    f"metrics changed: {changed}; top 10 differs for {text} of {captions.shape[0]} text and "
                    f"{image} of {images.shape[0]} image queries"])
 
@@ -312,8 +491,8 @@ def progress(message):
     print(f"  ... {message}", file=sys.stderr, flush=True)
 
 
-HEADER = ["gallery", "case", "wall ms", "CPU ms", "x bare", "peak MB", "recall@10", "growth", "notes"]
-WIDTHS = [19, 38, 8, 8, 6, 7, 9, 6, 44]
+HEADER = ["gallery", "case", "wall ms", "CPU ms", "x bare", "(b) / this", "peak MB", "recall@10", "growth", "notes"]
+WIDTHS = [19, 38, 8, 8, 6, 10, 7, 9, 6, 44]
 
 
 def print_row(cells):

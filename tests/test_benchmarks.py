@@ -247,15 +247,41 @@ def test_checkpoint_cost_benchmark_writes_last_pt_and_prints_its_size_and_second
 
 def test_search_bench_prints_every_row_and_the_pruned_search_finds_the_exhaustive_top_10():
     result = run_script(["benchmarks/search_bench.py", "--sizes", "300", "3000", "--queries", "2", "--dim", "32",
-                         "--threads", "1", "--skip-index", "--faiss-neighbours"])
+                         "--threads", "1", "--skip-index", "--faiss-neighbours", "--index-candidates", "100", "3000",
+                         "--index-probes", "4", "--fde-candidates", "3000", "--fde", "2,2,8"])
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 3")]
     cases = [cells[1].strip() for cells in rows]
-    assert cases == ["gallery in memory (float32)", "bare cosine product", "(a) every item matched exactly",
-                     "(b) bound-pruned exact"] * 2
+    assert cases == [case for size in (300, 3000) for case in (
+        "gallery in memory (float32)", f"set index ({32 if size == 300 else 128} centroids)",
+        "FDE encodings (64 dims, flat)", "bare cosine product", "(a) every item matched exactly",
+        "(b) bound-pruned exact", "(d) set index, probe 4, 100 cand.", "(d) set index, probe 4, 3,000 cand.",
+        "(e) FDE (flat), 3,000 cand.")]
     pruned = [cells for cells in rows if cells[1].strip() == "(b) bound-pruned exact"]
-    assert all("top 10 = (a) in 2/2" in cells[8] and float(cells[2]) > 0 and float(cells[3]) > 0 for cells in pruned)
-    assert pruned[1][7].strip().endswith("x")          # growth against the smaller gallery
+    assert all("top 10 = (a) in 2/2" in cells[9] and float(cells[2]) > 0 and float(cells[3]) > 0 for cells in pruned)
+    assert pruned[1][8].strip().endswith("x")          # growth against the smaller gallery
+    covering = [cells for cells in rows if "3,000 cand." in cells[1]]              # every item is a candidate
+    assert [cells[7].strip() for cells in covering] == ["100.0%"] * 4
+
+
+def test_search_bench_faiss_rows_are_the_previous_element_candidates_or_one_install_line(tmp_path):
+    blocked = tmp_path / "no_faiss"
+    blocked.mkdir()
+    (blocked / "faiss.py").write_text("raise ImportError('faiss is blocked for this test')\n")
+    quick = ["benchmarks/search_bench.py", "--sizes", "3000", "--queries", "2", "--dim", "32", "--skip-index",
+             "--index-candidates", "--fde-candidates", "--faiss-neighbours", "100", "12000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(blocked)}
+    result = subprocess.run([sys.executable, *quick], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "# (c) rows skipped: the FAISS rows need faiss: pip install faiss-cpu" in result.stdout
+    assert "(c) FAISS" not in result.stdout
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional: pip install faiss-cpu)")
+    result = run_script(quick)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {cells[1].strip(): cells for cells in (line.split("|")[1:-1] for line in result.stdout.splitlines()
+                                                  if line.startswith("| 3,000"))}
+    assert "FAISS element index (flat)" in rows
+    assert rows["(c) FAISS element neighbours, 12000"][7].strip() == "100.0%"        # every element: every item
 
 
 def test_reproducibility_plan_runs_each_setting_once_and_repeats_only_the_named_runs(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The import graph of the top-level modules is a tree that can be read bottom-up:
-similarity.py, losses.py -> config.py, model.py, shapes.py, distributed.py -> data.py -> figures.py -> evaluate.py
--> train.py, search.py.
+similarity.py, losses.py -> config.py, model.py, shapes.py, distributed.py, gallery.py -> data.py -> figures.py
+-> evaluate.py -> train.py, search.py.
 
 Every import is found with `ast`, including imports inside functions and under `if __name__ == ...`.
 """
@@ -20,12 +20,13 @@ ALLOWED = {
     "shapes": set(),
     "model": set(),
     "distributed": set(),
+    "gallery": set(),
     "config": {"similarity", "losses"},
     "data": {"config", "shapes"},
     "figures": {"data", "model", "similarity"},
     "evaluate": {"config", "data", "figures", "model", "shapes", "similarity"},
     "train": {"config", "data", "distributed", "evaluate", "losses", "model", "similarity"},
-    "search": {"data", "evaluate", "figures", "model", "similarity"},
+    "search": {"data", "evaluate", "figures", "gallery", "model", "similarity"},
 }
 
 
@@ -97,6 +98,12 @@ def test_distributed_imports_only_torch():
     third_party = {name for name, _, _ in imports_of("distributed") if name not in sys.stdlib_module_names}
     assert third_party == {"torch"}
     assert not project_imports("distributed")
+
+
+def test_gallery_imports_only_torch_and_numpy():
+    third_party = {name for name, _, _ in imports_of("gallery") if name not in sys.stdlib_module_names}
+    assert third_party == {"torch", "numpy"}
+    assert not project_imports("gallery")
 
 
 @pytest.mark.parametrize("module", ["similarity", "losses"])

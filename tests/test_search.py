@@ -1,7 +1,7 @@
 """search.py: the load-and-encode API equals evaluate.py's encodings (every encoder family), the
 bound-pruned top k equals the exhaustive ranking (random, structured and tied galleries, K = 4 and
-8), incremental and interruption-safe indexing, one-line user errors, the optional FAISS path, and
-the README's commands end to end. One tiny trained run (CNN + BiGRU) is shared by the module."""
+8), incremental and interruption-safe indexing, one-line user errors, and the README's commands end to
+end (the approximate path, --approximate, is tests/test_set_index.py's). One tiny trained run (CNN + BiGRU) is shared by the module."""
 import json
 import os
 import re
@@ -457,48 +457,6 @@ def test_a_replaced_or_moved_checkpoint_is_named_and_a_caption_gallery_wants_an_
     code, _, err = run_search(capsys, "query", "--index", tmp_path / "captions", "--image", image,
                               "--ckpt", trained_run)
     assert code == 0, err
-
-
-# ----------------------------------------------------------------------------- FAISS (optional)
-
-def test_the_exact_path_never_imports_faiss_and_faiss_without_it_is_one_line(trained_run, tmp_path, capsys,
-                                                                           monkeypatch):
-    (tmp_path / "captions.txt").write_text("a red circle\na blue square\n")
-    monkeypatch.setitem(sys.modules, "faiss", None)                          # `import faiss` now fails
-    assert run_search(capsys, "index", "--ckpt", trained_run, "--captions", tmp_path / "captions.txt",
-                      "--out", tmp_path / "g")[0] == 0
-    image = tmp_path / "a.png"
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
-    assert run_search(capsys, "query", "--index", tmp_path / "g", "--image", image)[0] == 0
-    code, _, err = run_search(capsys, "query", "--index", tmp_path / "g", "--image", image, "--faiss")
-    assert code == 2 and err.strip() == f"error: {search.FAISS_HINT}"
-
-
-def test_faiss_candidates_are_matched_exactly_and_recall_what_they_reach(trained_run, split_encodings, tmp_path, capsys,
-                                                                        monkeypatch):
-    pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional: pip install faiss-cpu)")
-    gallery, queries = make_gallery("trained_like", 3000, 4, 4, dim=32, seed=2)
-    for flat_below in (search.FAISS_FLAT_BELOW, 0):                          # exact flat index, then IVF + SQ8
-        monkeypatch.setattr(search, "FAISS_FLAT_BELOW", flat_below)
-        index = search.build_faiss_index(gallery)
-        assert index.ntotal == 3000 * 4
-        for query in queries:
-            exact = search.top_k(query, gallery, 10)
-            approximate = search.faiss_top_k(query, gallery, index, 10, neighbours=100)
-            expected = dict(zip(*brute_force_top_k(query, gallery, 3000, "max_pair", {}, "images")))
-            for position, score in zip(approximate.positions.tolist(), approximate.scores.tolist()):
-                assert score == expected[position].item()                    # exact scores of the candidates
-            assert approximate.scores.tolist() == sorted(approximate.scores.tolist(), reverse=True)
-            if flat_below:      # every element's neighbours: the candidates hold the exact top 10
-                everything = search.faiss_top_k(query, gallery, index, 10, neighbours=3000 * 4)
-                assert torch.equal(everything.positions, exact.positions)
-    _, dataset, _, _, _ = split_encodings                                      # the command line, saved index reused
-    code, _, err = run_search(capsys, "index", "--ckpt", trained_run, "--split", "test", "--out", tmp_path / "g",
-                              "--faiss")
-    assert code == 0, err
-    assert (tmp_path / "g" / "faiss.index").is_file()
-    code, out, err = run_search(capsys, "query", "--index", tmp_path / "g", QUERY, "--faiss", "--top", "3")
-    assert code == 0 and "FAISS candidates" in out and "building" not in err
 
 
 # ----------------------------------------------------------------------------- the README
