@@ -36,8 +36,8 @@ With --open, instead of the queries: the time to open a gallery folder of each s
 does (its snapshot.json) and as `index` does (its whole log.jsonl); item keys like
 /data/photos/folder_0000/image_0000000.jpg, sets of K = D = 1 (opening does not read the sets).
 
-    python benchmarks/search_bench.py                            # 10k, 100k, 1M (about 40 minutes here)
-    python benchmarks/search_bench.py --sizes 100000 1000000 --skip-index --model-gallery runs/shapes_maxmatch/best.pt
+    python benchmarks/search_bench.py                            # 10k, 100k, 1M (about 20 minutes here)
+    python benchmarks/search_bench.py --sizes --skip-index --model-gallery runs/shapes_maxmatch/best.pt   # ~15 min
     python benchmarks/search_bench.py --sizes 10000 100000 --queries 10
     python benchmarks/search_bench.py --ckpt runs/shapes_maxmatch/best.pt   # index with that checkpoint
     python benchmarks/search_bench.py --sizes --skip-index --float16-check runs/shapes_maxmatch/best.pt
@@ -92,7 +92,7 @@ def main():
                         help="(e) rows: FDE candidates searched exactly (none: skip FDE)")
     parser.add_argument("--model-gallery", metavar="CKPT", default=None,
                         help="also: a gallery of this checkpoint's sets of --model-images generated shapes images")
-    parser.add_argument("--model-images", type=int, default=20_000, help="images of the --model-gallery split")
+    parser.add_argument("--model-images", type=int, default=100_000, help="images of the --model-gallery split")
     parser.add_argument("--ckpt", default=None, help="checkpoint for the index row (default: a random-init "
                         "model of config.yaml; the encoding cost is the same)")
     parser.add_argument("--skip-index", action="store_true", help="no index throughput row")
@@ -255,7 +255,7 @@ def bench_model_gallery(args, faiss):
         encode_seconds = time.perf_counter() - started
         sources = torch.randint(len(records), (args.queries + 1,), generator=torch.Generator().manual_seed(7))
         queries = trained.encode_captions([records[i]["sentences"][0]["raw"] for i in sources.tolist()])
-        label = f"model sets {len(records) // 1000}k"
+        label = f"model sets {len(records) // 1000}k" if len(records) >= 1000 else f"model sets {len(records)}"
         print_row([label, f"encoded {len(records):,} images (K = {gallery.shape[1]}, D = {gallery.shape[2]})",
                    f"{encode_seconds:.0f} s", "", "", "", "", "", "", f"{trained.method}, {args.model_gallery}"])
         bench_gallery(label, gallery, queries, args, faiss, {})

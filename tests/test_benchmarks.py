@@ -284,6 +284,22 @@ def test_search_bench_faiss_rows_are_the_previous_element_candidates_or_one_inst
     assert rows["(c) FAISS element neighbours, 12000"][7].strip() == "100.0%"        # every element: every item
 
 
+def test_search_bench_model_gallery_encodes_a_generated_split_with_the_checkpoint(tmp_path):
+    import train
+    from test_train import tiny_overrides
+    assert train.main(tiny_overrides(tmp_path, name="bench") + ["train.epochs=1"]) == 0
+    checkpoint = tmp_path / "runs" / "bench" / "best.pt"
+    result = run_script(["benchmarks/search_bench.py", "--sizes", "--skip-index", "--queries", "2", "--faiss-neighbours",
+                         "--model-gallery", str(checkpoint), "--model-images", "60", "--index-candidates", "60",
+                         "--index-probes", "2", "--fde-candidates", "60", "--fde", "2,1,8"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {cells[1].strip(): cells for cells in (line.split("|")[1:-1] for line in result.stdout.splitlines()
+                                                  if line.startswith("| model sets"))}
+    assert "encoded 60 images (K = 2, D = 32)" in rows                                 # the checkpoint's sets
+    assert "top 10 = (a) in 2/2" in rows["(b) bound-pruned exact"][9]
+    assert rows["(d) set index, probe 2, 60 cand."][7].strip() == "100.0%"           # the whole gallery
+
+
 def test_reproducibility_plan_runs_each_setting_once_and_repeats_only_the_named_runs(tmp_path, monkeypatch):
     import reproducibility as repro
     jobs = repro.plan_jobs(repro.RUN_SETTINGS, list(repro.RUNS), str(tmp_path))
