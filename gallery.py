@@ -363,12 +363,17 @@ def load_set_index(gallery):
 
 
 def save_set_index(gallery):
-    """Build the gallery's SetIndex and save it (atomically) with the gallery state it describes."""
+    """Build the gallery's SetIndex and save it (atomically) with the gallery state it describes; a
+    folder that cannot be written gets one warning line and the index is used unsaved."""
     index = build_set_index(gallery, state=index_state(gallery))
     path = os.path.join(gallery.path, INDEX_FILE)
-    torch.save({"format": INDEX_FORMAT, "state": index.state, "centroids": index.centroids, "codes": index.codes},
-               f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    try:
+        torch.save({"format": INDEX_FORMAT, "state": index.state, "centroids": index.centroids,
+                    "codes": index.codes}, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    except OSError as error:                     # a read-only gallery: use the index, rebuild it next time
+        print(f"warning: the set index cannot be saved in {gallery.path} ({error.strerror or error}); "
+              "it is built again by every query", file=sys.stderr)
     return index
 
 

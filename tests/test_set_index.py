@@ -118,6 +118,20 @@ def test_an_index_saved_for_another_gallery_state_is_rebuilt_with_one_line(tmp_p
     assert torch.equal(found.positions, search.top_k(queries[0], sets, 5).positions)   # rows read from sets.bin
 
 
+def test_a_gallery_that_cannot_be_written_gets_the_index_unsaved_with_one_warning(tmp_path, capsys, monkeypatch):
+    sets, queries = make_gallery("trained_like", 200, 4, 4, dim=16, seed=4)
+    stored = gallery_module.Gallery.create(tmp_path / "g", "images", fake_owner(4, 16))
+    stored.append([f"item{i}" for i in range(200)], [None] * 200, sets, "synthetic")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(gallery_module.torch, "save", refuse)
+    index = gallery_module.load_set_index(stored)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1].startswith("warning: the set index cannot be saved") and "Permission denied" in err[1]
+    assert len(index) == 200 and not (tmp_path / "g" / gallery_module.INDEX_FILE).exists()
+
+
 def test_the_command_line_builds_reuses_and_labels_the_index_without_faiss(trained_run, split_encodings, tmp_path,
                                                                            capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)                                   # `import faiss` now fails
