@@ -1,7 +1,8 @@
 """search.py: the load-and-encode API equals evaluate.py's encodings (every encoder family), the
 bound-pruned top k equals the exhaustive ranking (random, structured and tied galleries, K = 4 and
-8), incremental and interruption-safe indexing, one-line user errors, and the README's commands end to
-end (the approximate path, --approximate, is tests/test_set_index.py's). One tiny trained run (CNN + BiGRU) is shared by the module."""
+8), incremental and interruption-safe indexing, one-line user errors, and the README's commands
+end to end (--approximate is tests/test_set_index.py's). One tiny trained run (CNN + BiGRU) is
+shared by the module."""
 import json
 import os
 import re
