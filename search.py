@@ -498,7 +498,8 @@ class LoadedImages(Dataset):
 
 
 def query_command(args, overrides):
-    """`query`: encode the caption (or --image), find the exact top k (or the set index's approximate one), print them."""
+    """`query`: encode the caption (or --image), find the exact top k (or, with --approximate, the set
+    index's approximate one), print them."""
     if args.top < 1:
         raise SearchError(f"--top must be 1 or more, got {args.top}")
     for flag, path, kind in (("--json", args.json, "JSON"), ("--html", args.html, "HTML")):
@@ -533,8 +534,9 @@ def query_command(args, overrides):
     if args.approximate and len(gallery):
         found = approximate_top_k(query, gallery, load_set_index(gallery), args.top, trained.method, trained.options,
                                   gallery.kind, args.candidates, args.probe)
-        how = (f"approximate: exact scores of {found.matched} candidates from the set index, {args.probe} centroids "
-               f"per query element; the default --candidates {INDEX_CANDIDATES} --probe {INDEX_PROBE} is {INDEX_TUNED_FOR}")
+        how = (f"approximate: exact scores of {found.matched} candidates from the set index, {args.probe} "
+               f"centroids per query element; the default --candidates {INDEX_CANDIDATES} --probe {INDEX_PROBE} "
+               f"is {INDEX_TUNED_FOR}")
     else:
         found = top_k(query, gallery, args.top, trained.method, trained.options, gallery.kind)
         how = f"exact, {found.matched} of {len(gallery)} items matched"

@@ -128,7 +128,8 @@ def test_a_gallery_that_cannot_be_written_gets_the_index_unsaved_with_one_warnin
     monkeypatch.setattr(gallery_module.torch, "save", refuse)
     index = gallery_module.load_set_index(stored)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[1].startswith("warning: the set index cannot be saved") and "Permission denied" in err[1]
+    assert len(err) == 2 and err[1].startswith("warning: the set index cannot be saved")
+    assert "Permission denied" in err[1]
     assert len(index) == 200 and not (tmp_path / "g" / gallery_module.INDEX_FILE).exists()
 
 
@@ -157,7 +158,8 @@ def graded_pairs(count=40, embeds=4, dim=32, seed=0):
     order), the noise growing with n from close partners (cosine about 0.99) to unrelated ones."""
     g = torch.Generator().manual_seed(seed)
     queries = torch.nn.functional.normalize(torch.randn(count, embeds, dim, generator=g), dim=-1)
-    noise = torch.linspace(0.1, 3.0, count).view(count, 1, 1) * torch.randn(count, embeds, dim, generator=g) / dim ** 0.5
+    scale = torch.linspace(0.1, 3.0, count).view(count, 1, 1) / dim ** 0.5
+    noise = scale * torch.randn(count, embeds, dim, generator=g)
     items = torch.nn.functional.normalize(queries + noise, dim=-1)[:, torch.randperm(embeds, generator=g)]
     return queries, items
 
